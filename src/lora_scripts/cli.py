@@ -1,0 +1,250 @@
+"""`lora-scripts <command>`: a thin dispatch table. Each command parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(args) -> object:
+    from lora_scripts.config import load_config
+
+    extra = {"mixed_precision": "fp16"} if getattr(args, "fp16", False) else {}
+    if getattr(args, "bf16", False):
+        extra = {"mixed_precision": "bf16"}
+    return load_config(args.config, args.overrides, **extra)
+
+
+# ---- train -------------------------------------------------------------------------------------------
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the YAML config, e.g. configs/my_lora_config.yaml")
+    p.add_argument("--fp16", action="store_true", help="alias of mixed_precision=fp16 (GPU)")
+    p.add_argument("--bf16", action="store_true", help="alias of mixed_precision=bf16")
+    p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (GPUs, or CPU ranks over gloo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to events.jsonl)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. learning_rate=1e-4")
+
+
+def cmd_train(args) -> int:
+    from lora_scripts.config import ConfigError
+    from lora_scripts.preflight import run_preflight
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _fail(f"the config has problems:\n{exc}")
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch(args.num_processes)
+    is_main = os.environ.get("RANK", "0") == "0"
+    report = run_preflight(cfg)
+    if is_main:
+        print(report.render(), file=sys.stderr)
+    if not report.ok:
+        return _fail("preflight found problems; nothing was trained")
+    if report.model_type != "llm":
+        return _fail(f"training {report.model_type} models is not available yet in this version "
+                     "(Stable Diffusion training is being built); LLM training works")
+    from lora_scripts.train.llm import TrainingStopped, train_llm
+
+    try:
+        result = train_llm(cfg.model_copy(update={"model_type": "llm"}), progress=not args.no_progress)
+    except TrainingStopped as exc:
+        return _fail(str(exc), EXIT_STOPPED)
+    except KeyboardInterrupt:
+        resume = " ".join(shlex.quote(a) for a in ["python", "train.py", "--config", args.config, *args.overrides,
+                                                     "resume_from=latest"])
+        print(f"\ninterrupted. Continue from the last checkpoint with:\n  {resume}", file=sys.stderr)
+        return 130
+    if is_main:
+        print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; loss curve in "
+              f"{result.output_dir / 'loss_curve.png'}; TensorBoard: tensorboard --logdir {cfg.log_dir}")
+    return 0
+
+
+def _relaunch(n: int) -> int:
+    """Start n ranks of this same command with torchrun (gloo on CPU, NCCL on GPUs)."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # accelerate then builds a CPU DDP over gloo
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--num-processes") if "--num-processes" in argv else -1
+    if i >= 0:
+        del argv[i : i + 2]
+    argv = [a for a in argv if not a.startswith("--num-processes=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "lora_scripts.cli", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+# ---- validate ------------------------------------------------------------------------------------------
+
+
+def add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the YAML config to check")
+    p.add_argument("--keys", action="store_true", help="list every config key with its documentation")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def cmd_validate(args) -> int:
+    from lora_scripts.config import ConfigError, describe_keys
+    from lora_scripts.preflight import run_preflight
+
+    if args.keys:
+        print(describe_keys())
+        return 0
+    if not args.config:
+        return _fail("give --config FILE (or --keys to list the config keys)")
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _fail(f"the config has problems:\n{exc}")
+    report = run_preflight(cfg)
+    print(report.render())
+    return 0 if report.ok else EXIT_BAD_INPUT
+
+
+# ---- generate / export -------------------------------------------------------------------------------
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model: smollm2-135m-instruct, a folder or a .gguf")
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="a PEFT adapter folder and its strength (default 1.0); repeat to mix adapters")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_generate(args) -> int:
+    from lora_scripts.export.peft import LoraSpecError, load_with_adapters
+    from lora_scripts.llm_generate import generate_replies
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        model, tokenizer = load_with_adapters(args.base, args.lora)
+    except (LoraSpecError, FileNotFoundError, OSError) as exc:
+        return _fail(str(exc))
+
+    def answer(batch: list[str]) -> None:
+        for r in generate_replies(model, tokenizer, batch, args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed):
+            print(f">>> {r.prompt}\n{r.text}\n" + ("" if r.stopped else "[max_new_tokens reached]\n"))
+
+    if prompts:
+        answer(prompts)
+        return 0
+    print("chat with the model; an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        answer([line])
+
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--merge", action="store_true", help="bake the adapter(s) into the base weights")
+    p.add_argument("--base", required=True, help="base model the adapter was trained on")
+    p.add_argument("--lora", action="append", required=True, metavar="DIR[:WEIGHT]")
+    p.add_argument("--out", required=True, help="output folder (a full transformers model)")
+
+
+def cmd_export(args) -> int:
+    from lora_scripts.export.peft import LoraSpecError, export_merged
+
+    if not args.merge:
+        return _fail("export needs --merge (format conversion comes with the LoRA tools)")
+    try:
+        out = export_merged(args.base, args.lora, Path(args.out))
+    except (LoraSpecError, FileNotFoundError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+# ---- prepare / demo / not yet --------------------------------------------------------------------------
+
+
+def add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="convert again even if the cache is valid")
+
+
+def cmd_prepare(args) -> int:
+    from lora_scripts.models.embedded import prepare_embedded
+
+    prepare_embedded(force=args.force)
+    return 0
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="default: configs/examples/demo_llm_style.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def cmd_demo(args) -> int:
+    from lora_scripts.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+def not_yet(what: str, issue: str) -> Callable:
+    def run(args) -> int:
+        return _fail(f"`lora-scripts {what}` is not available yet in this version ({issue}).")
+
+    return run
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train a LoRA from a YAML config", add_train, cmd_train),
+    "validate": ("check a config and its data without training", add_validate, cmd_validate),
+    "generate": ("answer prompts with a base LLM plus LoRA adapters", add_generate, cmd_generate),
+    "export": ("write a merged model (base + adapter)", add_export, cmd_export),
+    "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
+    "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),
+    "label": ("auto-caption images into metadata.csv", lambda p: p.add_argument("rest", nargs="*"),
+              not_yet("label", "CLIP auto-labelling is being built")),
+    "inspect": ("describe a LoRA file or folder", lambda p: p.add_argument("rest", nargs="*"),
+                not_yet("inspect", "the LoRA tools are being built")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-scripts", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The training configuration: one flat YAML file, loaded into a strict, documented pydantic model.
+
+Every key a user may write is a field of `TrainConfig` below, documented where it is declared (the
+docstring under each field is what `lora-scripts validate --keys` prints). Unknown keys and wrong types
+are errors that name the file, the line and the closest valid key: a misspelt `lora_rnak` must stop the
+run before an hour of training is spent with the default rank.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ModelType = Literal["sd15", "sd2", "sdxl", "llm"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem found, one per line."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    # ---- what to train -------------------------------------------------------------------------
+    base_model: str
+    """The model to adapt: `smollm2-135m-instruct` (embedded, prepared by setup), a Hugging Face model
+    folder, a `.gguf` file, or a Stable Diffusion single-file checkpoint (`.safetensors`/`.ckpt`) or
+    diffusers folder."""
+
+    model_type: ModelType | None = None
+    """sd15 | sd2 | sdxl | llm. Sniffed from `base_model` when absent (checkpoint key layout, a folder's
+    config.json or model_index.json, a .gguf file)."""
+
+    # ---- data ------------------------------------------------------------------------------------
+    train_data_dir: Path | None = None
+    """Folder with the training samples: images (+ captions) for Stable Diffusion; for LLMs a folder of
+    .txt files, or the folder holding `metadata.csv`."""
+
+    metadata_path: Path | None = None
+    """Captions / pairs file. Images: `metadata.csv` with `filename,prompt`. LLM: `metadata.csv` with
+    `prompt,response`, or a `.jsonl` (Alpaca, chat `messages`, or `text`). Defaults to
+    `<train_data_dir>/metadata.csv` when that file exists."""
+
+    eval_data_path: Path | None = None
+    """Held-out samples in the same formats as `metadata_path`; eval loss is logged each epoch."""
+
+    val_ratio: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """Fraction of the training samples held out for eval loss when `eval_data_path` is not given."""
+
+    resolution: int = Field(default=512, ge=64, le=4096)
+    """Training resolution in pixels (Stable Diffusion). Buckets keep this pixel area."""
+
+    max_seq_length: int = Field(default=512, ge=16)
+    """Longest LLM sample in tokens; longer samples are truncated, with a warning that counts them."""
+
+    # ---- the adapter -----------------------------------------------------------------------------
+    lora_type: Literal["lora", "dora", "rslora"] = "lora"
+    """lora: classic LoRA. dora: weight-decomposed LoRA (often better at low rank, ~2x slower).
+    rslora: scale alpha/sqrt(rank) instead of alpha/rank, so high ranks keep learning."""
+
+    lora_rank: int = Field(default=8, ge=1, le=1024)
+    """Rank r of the update. 8-16 suits a style or a voice from 50-200 samples; 4 may under-fit and 64+
+    mostly adds file size."""
+
+    lora_alpha: float | None = Field(default=None, gt=0)
+    """Scale of the update: delta W = (alpha / rank) * B A. Default 2 x rank. The value is written into
+    the exported file as-is, so other tools apply the same scale."""
+
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input; 0.05-0.1 helps against over-fitting very small datasets."""
+
+    target_modules: list[str] | str | None = None
+    """Modules that get an adapter. Default: attention q/k/v/o projections for LLMs, to_q/to_k/to_v/
+    to_out.0 for the SD UNet. `all-linear` adapts every linear layer of an LLM."""
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    batch_size: int = Field(default=4, ge=1)
+    """Samples per step on each process. Lower it (and raise gradient_accumulation_steps) if memory runs out."""
+
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches whose gradients are summed before one optimizer step (effective batch =
+    batch_size x gradient_accumulation_steps x processes)."""
+
+    epochs: int = Field(default=10, ge=1)
+    """Passes over the dataset. 10-20 for 50-200 samples; watch eval loss and samples for over-fitting."""
+
+    max_train_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps, whatever `epochs` says."""
+
+    learning_rate: float = Field(default=1e-4, gt=0)
+    """Peak learning rate. 1e-4 for images, 1e-4..3e-4 for text."""
+
+    text_encoder_lr: float | None = Field(default=None, gt=0)
+    """Stable Diffusion only: train a text-encoder LoRA too, at this learning rate."""
+
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    """adamw (default), adamw8bit (needs bitsandbytes and CUDA), adafactor (least memory)."""
+
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """Decoupled weight decay on the LoRA weights."""
+
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "cosine"
+    """Learning-rate schedule after warmup."""
+
+    num_cycles: int = Field(default=1, ge=1)
+    """Restarts for `cosine_with_restarts`."""
+
+    warmup_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Warmup as a fraction of total optimizer steps (0.1 = 10%). Give this or warmup_steps, not both."""
+
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Warmup in optimizer steps. Give this or warmup_ratio, not both."""
+
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the gradient norm to this value; null disables clipping."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """no | fp16 | bf16. bf16 is fast on CPUs with bf16 units and on recent GPUs; fp16 needs a GPU."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less memory, about 30% slower."""
+
+    seed: int = 42
+    """Seeds data order, LoRA init and dropout; the same seed gives the same run."""
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    output_dir: Path = Path("./output/lora")
+    """Where the adapter, checkpoints, resolved config, samples and loss curve are written."""
+
+    output_name: str | None = None
+    """File/adapter name; defaults to the last part of output_dir. `<lora:NAME:0.8>` uses it."""
+
+    logging_dir: Path | None = None
+    """TensorBoard event files. Default `<output_dir>/logs`."""
+
+    save_steps: int = Field(default=100, ge=1)
+    """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
+
+    save_total_limit: int | None = Field(default=3, ge=1)
+    """Keep only the newest N checkpoints; null keeps all."""
+
+    resume_from: str | None = None
+    """A checkpoint folder, or `latest` for the newest complete checkpoint in output_dir."""
+
+    # ---- evaluation and samples ------------------------------------------------------------------
+    sample_prompts: list[str] = Field(default_factory=list)
+    """Prompts sampled after every epoch (text for LLMs, images for SD) so you can watch the style appear."""
+
+    max_new_tokens: int = Field(default=160, ge=1)
+    """LLM samples: the most tokens generated per prompt."""
+
+    # ---------------------------------------------------------------------------------------------
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _lowercase_optimizer(cls, v: Any) -> Any:
+        # The description writes `optimizer: "AdamW"`; accept any capitalisation of the known names.
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check_contradictions(self) -> TrainConfig:
+        problems = []
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            problems.append("warmup_ratio and warmup_steps are both set; keep one of them")
+        if self.scheduler == "constant" and (self.warmup_ratio or self.warmup_steps):
+            problems.append("scheduler 'constant' has no warmup; use 'constant_with_warmup'")
+        if self.model_type == "llm" and self.text_encoder_lr is not None:
+            problems.append("text_encoder_lr is for Stable Diffusion models; an LLM has no text encoder")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived values --------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def name(self) -> str:
+        return self.output_name or Path(self.output_dir).name or "lora"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.logging_dir) if self.logging_dir is not None else Path(self.output_dir) / "logs"
+
+    def resolved_metadata_path(self) -> Path | None:
+        if self.metadata_path is not None:
+            return Path(self.metadata_path)
+        if self.train_data_dir is not None:
+            candidate = Path(self.train_data_dir) / "metadata.csv"
+            if candidate.exists():
+                return candidate
+        return None
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if self.warmup_ratio is not None:
+            return int(round(self.warmup_ratio * total_steps))
+        return 0
+
+    def to_yaml(self) -> str:
+        data = json.loads(self.model_dump_json())
+        data["lora_alpha"] = self.alpha
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+KNOWN_KEYS = tuple(TrainConfig.model_fields)
+
+
+def describe_keys() -> str:
+    """Every config key with its type and documentation, for `lora-scripts validate --keys`."""
+    lines = []
+    for key, field in TrainConfig.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"{key}  ({default})")
+        for doc_line in (field.description or "").split("\n"):
+            lines.append(f"    {doc_line.strip()}")
+    return "\n".join(lines)
+
+
+def suggest_key(key: str) -> str | None:
+    match = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of every top-level key, read from the YAML node tree."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as YAML so `1e-4`, `true`, `[a, b]` work."""
+    if "=" not in item:
+        raise ConfigError(f"command line: '{item}' is not key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides, and validate strictly.
+
+    Raises ConfigError with one line per problem, e.g.
+    `configs/a.yaml:3: lora_rnak: unknown key; did you mean lora_rank?`.
+    """
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of key: value lines")
+        data.update(loaded)
+        where.update({k: f"{path}:{line}" for k, line in _key_lines(text).items()})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        data[key] = value
+        where[key] = "command line"
+    for key, value in extra.items():
+        if value is not None:
+            data[key] = value
+            where[key] = "command line"
+
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where, source)) from None
+
+
+def _format_errors(exc: ValidationError, where: dict[str, str], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = err.get("loc") or ()
+        key = str(loc[0]) if loc else ""
+        place = where.get(key, source)
+        if err["type"] == "extra_forbidden":
+            hint = suggest_key(key)
+            msg = f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
+        elif err["type"] == "missing":
+            msg = f"{key}: required key is missing"
+        elif not key:
+            msg = err["msg"].removeprefix("Value error, ")
+        else:
+            value = err.get("input")
+            msg = f"{key}: {err['msg'].removeprefix('Value error, ')} (got {value!r})"
+        lines.append(f"{place}: {msg}")
+    return "\n".join(lines)

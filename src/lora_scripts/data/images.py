@@ -1,0 +1,146 @@
+"""Image datasets: find images and captions, check every file, and open images the same way everywhere.
+
+Captions come from `metadata.csv` (`filename,prompt`, the format `tools/auto_label.py` writes) and/or
+kohya-style sidecar `.txt` files; the CSV wins where both exist. kohya's `N_name` sub-folders repeat
+their images N times per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+MAX_ASPECT = 4.0  # beyond 1:4 no SD bucket fits without cropping away most of the image
+
+
+class CaptionFileError(ValueError):
+    pass
+
+
+@dataclass
+class ImageItem:
+    path: Path
+    key: str  # path relative to the data folder, with '/' separators: the name metadata.csv uses
+    repeats: int = 1
+    caption: str | None = None
+
+
+@dataclass
+class CaptionTable:
+    captions: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # row-level issues (duplicates, empty captions)
+
+
+def read_caption_csv(path: Path) -> CaptionTable:
+    """`filename,prompt` rows. A BOM, quoted commas and CRLF are handled by the csv module + utf-8-sig."""
+    table = CaptionTable()
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            name_col = next((c for c in ("filename", "file_name", "image") if c in columns), None)
+            text_col = next((c for c in ("prompt", "caption", "text") if c in columns), None)
+            if name_col is None or text_col is None:
+                raise CaptionFileError(
+                    f"{path}: needs the header 'filename,prompt' (found: {', '.join(columns) or 'no header'})"
+                )
+            for row_no, row in enumerate(reader, start=2):
+                name = (row.get(name_col) or "").strip().replace("\\", "/")
+                caption = (row.get(text_col) or "").strip()
+                if not name:
+                    table.problems.append(f"{path}:{row_no}: row has no filename")
+                    continue
+                if name in table.captions:
+                    table.problems.append(f"{path}:{row_no}: {name} is listed twice; the first row is used")
+                    continue
+                if not caption:
+                    table.problems.append(f"{path}:{row_no}: {name} has an empty caption")
+                table.captions[name] = caption
+    except UnicodeDecodeError as exc:
+        raise CaptionFileError(f"{path}: not UTF-8 text (bad byte at {exc.start}); save it as UTF-8") from None
+    return table
+
+
+def scan_images(folder: Path) -> list[ImageItem]:
+    """Every image under `folder`; images in `N_name` sub-folders get N repeats."""
+    items = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        rel = p.relative_to(folder)
+        repeats = 1
+        if len(rel.parts) > 1:
+            m = REPEAT_DIR.match(rel.parts[0])
+            if m:
+                repeats = max(1, int(m.group(1)))
+        items.append(ImageItem(path=p, key=rel.as_posix(), repeats=repeats))
+    return items
+
+
+def read_sidecar(path: Path) -> str | None:
+    txt = path.with_suffix(".txt")
+    if not txt.exists():
+        return None
+    raw = txt.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise CaptionFileError(f"{txt}: not UTF-8 text; save it as UTF-8") from None
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode fully and return RGB: EXIF orientation applied, alpha flattened on white, CMYK/16-bit converted."""
+    with Image.open(path) as im:
+        im.load()  # decode now so a truncated file fails here, not mid-training
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA"):
+            background = Image.new("RGB", im.size, (255, 255, 255))
+            background.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[-1])
+            return background
+        return im.convert("RGB")
+
+
+def check_image(path: Path, resolution: int) -> tuple[str | None, str | None]:
+    """(error, note): error when the file cannot be used; note for conversions the loader will make."""
+    size = path.stat().st_size
+    if size == 0:
+        return "zero-byte file", None
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+            im.load()
+    except UnidentifiedImageError:
+        return "not an image (or an unsupported format)", None
+    except (OSError, SyntaxError) as exc:
+        return f"corrupt or truncated ({exc})", None
+    if min(w, h) < 8:
+        return f"{w}x{h} is too small to train on", None
+    aspect = max(w, h) / min(w, h)
+    if aspect > MAX_ASPECT:
+        return f"{w}x{h} has aspect ratio {aspect:.0f}:1; SD buckets go up to {MAX_ASPECT:.0f}:1 (crop it first)", None
+    notes = []
+    if mode == "CMYK":
+        notes.append("CMYK, converted to RGB")
+    elif mode.startswith("I"):
+        notes.append("16-bit, converted to 8-bit")
+    elif mode in ("RGBA", "LA", "P"):
+        notes.append("has transparency, flattened on white")
+    elif mode == "L":
+        notes.append("grayscale, converted to RGB")
+    if w * h < (resolution * resolution) / 4:
+        notes.append(f"{w}x{h} is well below {resolution}px and will be upscaled (blurry)")
+    return None, "; ".join(notes) or None

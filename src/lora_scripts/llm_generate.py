@@ -1,0 +1,63 @@
+"""Greedy/sampled replies from a causal LM (base, or with one or more LoRA adapters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lora_scripts.data.text import prompt_ids
+
+
+@dataclass
+class Reply:
+    prompt: str
+    text: str
+    stopped: bool  # True when the model ended its reply with EOS within max_new_tokens
+    new_tokens: int
+
+
+@torch.no_grad()
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[Reply]:
+    """Answer each prompt through the tokenizer's chat template; batched with left padding."""
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    replies: list[Reply] = []
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        encoded = [prompt_ids(tokenizer, p) for p in chunk]
+        longest = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, longest - len(e) :] = torch.tensor(e)  # left padding keeps every prompt's end aligned
+            mask[row, longest - len(e) :] = 1
+        kwargs = {"do_sample": False}
+        if temperature > 0:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            kwargs = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=eos, pad_token_id=pad, **kwargs,
+        )
+        for row, prompt in enumerate(chunk):
+            new = out[row, longest:].tolist()
+            stopped = eos in new
+            if stopped:
+                new = new[: new.index(eos)]
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+            replies.append(Reply(prompt=prompt, text=text, stopped=stopped, new_tokens=len(new)))
+    model.train(was_training)
+    return replies

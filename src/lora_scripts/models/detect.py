@@ -1,0 +1,82 @@
+"""Tell which model family `base_model` is, from its files alone (no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from lora_scripts.models.embedded import EMBEDDED_MODELS
+
+SD_UNET_PREFIX = "model.diffusion_model."
+SDXL_MARKER = "conditioner.embedders.1."
+SD2_MARKER = "cond_stage_model.model."  # OpenCLIP text encoder of SD 2.x
+
+
+class ModelTypeError(ValueError):
+    pass
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names from a safetensors header, without reading the tensors."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ModelTypeError(f"{path}: too short to be a safetensors file")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000 or size > path.stat().st_size:
+            raise ModelTypeError(f"{path}: safetensors header size {size} is impossible; the file is corrupt")
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError:
+            raise ModelTypeError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def sniff_from_keys(keys: list[str], origin: str) -> str:
+    if any(k.startswith(SDXL_MARKER) for k in keys):
+        return "sdxl"
+    if any(k.startswith(SD_UNET_PREFIX) for k in keys):
+        return "sd2" if any(k.startswith(SD2_MARKER) for k in keys) else "sd15"
+    if any(".self_attn." in k or k.startswith(("model.layers.", "transformer.h.")) for k in keys):
+        return "llm"
+    raise ModelTypeError(f"{origin}: cannot tell the model family from its tensor names; set model_type")
+
+
+def detect_model_type(base_model: str) -> str:
+    """sd15 | sd2 | sdxl | llm, or ModelTypeError saying why it could not be told."""
+    if base_model.lower() in EMBEDDED_MODELS:
+        return "llm"
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        raise ModelTypeError(f"base_model {base_model}: no such file or folder (and not an embedded model name: "
+                             f"{', '.join(EMBEDDED_MODELS)})")
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            index = json.loads((path / "model_index.json").read_text())
+            cls = str(index.get("_class_name", ""))
+            if "XL" in cls:
+                return "sdxl"
+            sched = path / "scheduler" / "scheduler_config.json"
+            if sched.exists() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction":
+                return "sd2"
+            return "sd15"
+        if (path / "config.json").exists():
+            return "llm"
+        ggufs = list(path.glob("*.gguf"))
+        if ggufs:
+            return "llm"
+        raise ModelTypeError(f"{path}: folder has neither config.json (transformers) nor model_index.json (diffusers)")
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        return "llm"
+    if suffix == ".safetensors":
+        return sniff_from_keys(safetensors_keys(path), str(path))
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        import torch
+
+        # weights_only refuses pickles that would run code; mmap avoids reading the whole file.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return sniff_from_keys(list(state), str(path))
+    raise ModelTypeError(f"{path}: unknown model file type '{suffix}'; expected .safetensors, .ckpt, .gguf or a folder")

@@ -1,0 +1,104 @@
+"""Causal LLM builders: resolve `base_model`, load model + tokenizer offline, and make the PEFT config."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.models.embedded import EMBEDDED_MODELS, cache_root, convert_gguf, is_prepared, resolve_embedded
+
+# Attention projections by architecture family, in the order we look for them. The first family whose
+# names all occur in the model wins; otherwise every linear layer is adapted.
+ATTENTION_TARGETS = [
+    ["q_proj", "k_proj", "v_proj", "o_proj"],  # Llama, Mistral, Qwen, Gemma, Phi-3, SmolLM
+    ["q_proj", "k_proj", "v_proj", "out_proj"],  # OPT, BART-style
+    ["query_key_value", "dense"],  # Falcon, BLOOM, GPT-NeoX
+    ["c_attn", "c_proj"],  # GPT-2
+    ["Wqkv", "out_proj"],  # MPT
+]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def resolve_llm_path(base_model: str, log=print) -> Path:
+    """A local transformers folder for `base_model` (embedded name, folder, or .gguf converted once)."""
+    if base_model.lower() in EMBEDDED_MODELS:
+        return resolve_embedded(base_model)
+    path = Path(base_model).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        elif ggufs:
+            raise ModelLoadError(f"{path}: holds several .gguf files; name one of them in base_model")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        folder = _gguf_cache_folder(path)
+        if not is_prepared(folder):
+            log(f"{path.name}: dequantizing the GGUF once into {folder}")
+            convert_gguf(path, folder, {"source": str(path.resolve())}, log=log)
+        return folder
+    if path.is_dir():
+        return path
+    raise ModelLoadError(
+        f"base_model {base_model}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        "a transformers folder with config.json, or a .gguf file"
+    )
+
+
+def load_llm(base_model: str, dtype: torch.dtype = torch.float32, log=print):
+    """(model, tokenizer) from local files only; nothing is fetched from a hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_llm_path(base_model, log=log)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"{folder}: could not load a causal LM from it: {exc}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{folder}: the tokenizer has no EOS token, so a tuned model could not learn to stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str] | str:
+    linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                    if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
+    for family in ATTENTION_TARGETS:
+        if all(n in linear_names for n in family):
+            return family
+    return "all-linear"
+
+
+def lora_config_for(cfg: TrainConfig, model: torch.nn.Module):
+    from peft import LoraConfig
+
+    targets = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg.lora_type == "dora",
+        use_rslora=cfg.lora_type == "rslora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,251 @@
+"""`lora-scripts validate`: everything that can be checked before a model is loaded.
+
+`train` runs the same checks first and stops on any error, so a wrong path or a broken image costs
+seconds, not the hour of training that would have crashed on it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data import images as imgdata
+from lora_scripts.data import text as textdata
+from lora_scripts.models.detect import ModelTypeError, detect_model_type
+from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
+from lora_scripts.train.common import plan_steps
+
+SWEET_SPOT = (50, 200)
+# Rough effective throughput of a LoRA training step (FLOP/s), used only for the time estimate.
+EFFECTIVE_FLOPS = {"cpu": 1.2e11, "cuda": 6e13}
+
+
+@dataclass
+class Finding:
+    level: str  # "error" | "warning" | "info"
+    message: str
+
+
+@dataclass
+class Report:
+    model_type: str | None = None
+    findings: list[Finding] = field(default_factory=list)
+    n_samples: int = 0
+
+    def error(self, msg: str) -> None:
+        self.findings.append(Finding("error", msg))
+
+    def warn(self, msg: str) -> None:
+        self.findings.append(Finding("warning", msg))
+
+    def info(self, msg: str) -> None:
+        self.findings.append(Finding("info", msg))
+
+    @property
+    def errors(self) -> list[str]:
+        return [f.message for f in self.findings if f.level == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def render(self) -> str:
+        marks = {"error": "ERROR  ", "warning": "warning", "info": "  ok   "}
+        lines = [f"[{marks[f.level]}] {f.message}" for f in self.findings]
+        n_err = len(self.errors)
+        n_warn = sum(f.level == "warning" for f in self.findings)
+        lines.append(f"preflight: {n_err} error(s), {n_warn} warning(s)" + ("" if n_err else " - ready to train"))
+        return "\n".join(lines)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_environment(cfg: TrainConfig, report: Report) -> None:
+    device = _device()
+    if cfg.mixed_precision == "fp16" and device == "cpu":
+        report.error("mixed_precision fp16 needs a CUDA GPU and none is available; use bf16 (fast on CPUs with "
+                     "bf16 units) or no")
+    if cfg.optimizer == "adamw8bit" and device == "cpu":
+        report.error("optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use adamw or adafactor")
+
+
+def check_output(cfg: TrainConfig, report: Report) -> None:
+    out = Path(cfg.output_dir)
+    probe_dir = out
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        report.error(f"output_dir {out}: cannot write there ({exc.strerror})")
+        return
+    if out.exists() and any(out.glob("checkpoint-*")) and not cfg.resume_from:
+        report.warn(f"output_dir {out} already holds checkpoints; new ones will be added beside them "
+                    "(set resume_from: latest to continue that run)")
+
+
+def check_base_model(cfg: TrainConfig, report: Report) -> str | None:
+    name = cfg.base_model.lower()
+    if name in EMBEDDED_MODELS and not is_prepared(model_dir(name)):
+        report.error(f"base_model {cfg.base_model}: the embedded model is not prepared; run ./setup.sh "
+                     "or `lora-scripts prepare`")
+    try:
+        sniffed = detect_model_type(cfg.base_model)
+    except ModelTypeError as exc:
+        if cfg.model_type is None:
+            report.error(str(exc))
+        elif not Path(cfg.base_model).exists() and name not in EMBEDDED_MODELS:
+            report.error(f"base_model {cfg.base_model}: no such file or folder")
+        return cfg.model_type
+    except Exception as exc:  # e.g. a .ckpt that weights_only refuses
+        report.error(f"base_model {cfg.base_model}: cannot be read safely ({exc})")
+        return cfg.model_type
+    if cfg.model_type is not None and cfg.model_type != sniffed:
+        report.warn(f"model_type is {cfg.model_type} but base_model looks like {sniffed}; using {cfg.model_type}")
+        return cfg.model_type
+    return sniffed
+
+
+def check_llm_data(cfg: TrainConfig, report: Report) -> int:
+    source = cfg.resolved_metadata_path() or cfg.train_data_dir
+    if source is None:
+        report.error("no data: set metadata_path (prompt,response .csv or .jsonl) or train_data_dir (.txt files)")
+        return 0
+    try:
+        samples = textdata.load_samples(Path(source))
+    except textdata.DataError as exc:
+        report.error(str(exc))
+        return 0
+    report.info(f"{source}: {len(samples)} samples")
+    if cfg.eval_data_path is not None:
+        try:
+            held = textdata.load_samples(Path(cfg.eval_data_path))
+            report.info(f"{cfg.eval_data_path}: {len(held)} eval samples")
+        except textdata.DataError as exc:
+            report.error(str(exc))
+    n_train = len(textdata.split_eval(samples, cfg.val_ratio, cfg.seed)[0]) if cfg.eval_data_path is None else len(samples)
+    chars = sum(len(s.text or "".join(m["content"] for m in s.messages or [])) for s in samples)
+    report.info(f"about {chars // 4:,} tokens in all (4 characters per token)")
+    return n_train
+
+
+def check_image_data(cfg: TrainConfig, report: Report) -> int:
+    if cfg.train_data_dir is None:
+        report.error("train_data_dir is required for image training")
+        return 0
+    folder = Path(cfg.train_data_dir)
+    if not folder.is_dir():
+        report.error(f"train_data_dir {folder}: not a folder")
+        return 0
+    items = imgdata.scan_images(folder)
+    if not items:
+        report.error(f"train_data_dir {folder}: no images (.jpg, .png, .webp, .bmp) found")
+        return 0
+    table = imgdata.CaptionTable()
+    meta = cfg.resolved_metadata_path()
+    if cfg.metadata_path is not None and not Path(cfg.metadata_path).exists():
+        report.error(f"metadata_path {cfg.metadata_path}: not found")
+    elif meta is not None:
+        try:
+            table = imgdata.read_caption_csv(meta)
+        except imgdata.CaptionFileError as exc:
+            report.error(str(exc))
+        for problem in table.problems:
+            (report.error if "empty caption" in problem else report.warn)(problem)
+    keys = {it.key for it in items} | {it.path.name for it in items}
+    for name in table.captions:
+        if name not in keys:
+            report.error(f"{meta}: {name} is listed but there is no such image in {folder}")
+    usable = 0
+    for it in items:
+        error, note = imgdata.check_image(it.path, cfg.resolution)
+        if error:
+            report.error(f"{it.key}: {error}")
+            continue
+        if note:
+            report.warn(f"{it.key}: {note}")
+        caption = table.captions.get(it.key, table.captions.get(it.path.name))
+        try:
+            side = imgdata.read_sidecar(it.path)
+        except imgdata.CaptionFileError as exc:
+            report.error(str(exc))
+            continue
+        if caption is not None and side is not None and side != caption:
+            report.warn(f"{it.key}: metadata.csv and {it.path.with_suffix('.txt').name} disagree; the CSV is used")
+        if caption is None and side is None:
+            report.error(f"{it.key}: no caption (add a row to metadata.csv or a {it.path.stem}.txt)")
+            continue
+        usable += it.repeats
+    report.info(f"{folder}: {len(items)} images, {usable} usable samples per epoch (with repeats)")
+    return usable
+
+
+def run_preflight(cfg: TrainConfig) -> Report:
+    report = Report()
+    check_environment(cfg, report)
+    check_output(cfg, report)
+    model_type = check_base_model(cfg, report)
+    report.model_type = model_type
+    if model_type is None:
+        return report
+    report.info(f"model: {cfg.base_model} ({model_type})")
+    n = check_llm_data(cfg, report) if model_type == "llm" else check_image_data(cfg, report)
+    report.n_samples = n
+    if not n:
+        return report
+    lo, hi = SWEET_SPOT
+    if n < lo:
+        report.warn(f"{n} training samples is below the {lo}-{hi} sweet spot; expect a weak or over-fitted adapter")
+    elif n > hi * 5:
+        report.info(f"{n} training samples: more than LoRA needs for a style; epochs can be fewer")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_steps(n, cfg, world)
+    if plan.steps_per_epoch == 0:
+        report.error(f"{n} samples cannot fill one batch of batch_size={cfg.batch_size}")
+        return report
+    report.info(f"{plan.steps_per_epoch} optimizer steps per epoch, {plan.total_steps} in all over {plan.epochs} epoch(s)")
+    warmup = cfg.warmup_for(plan.total_steps)
+    if warmup >= plan.total_steps:
+        report.error(f"warmup of {warmup} steps is not shorter than the {plan.total_steps} training steps")
+    if cfg.save_steps > plan.total_steps:
+        report.warn(f"save_steps={cfg.save_steps} is larger than the {plan.total_steps} total steps: only the final "
+                    "checkpoint will be written")
+    report.info(_estimate(cfg, model_type, n, plan.total_steps))
+    return report
+
+
+def _estimate(cfg: TrainConfig, model_type: str, n: int, total_steps: int) -> str:
+    """A rough time and memory estimate from the model's size on disk (labelled as rough)."""
+    size = _model_bytes(cfg.base_model)
+    if not size:
+        return "time estimate: unknown model size"
+    params = size / 4 if size > 0 else 0  # fp32 on disk for most bases; fp16 files are under-estimated 2x
+    device = _device()
+    if model_type == "llm":
+        tokens = min(cfg.max_seq_length, 256) * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps
+        flops = 4 * params * tokens  # frozen weights: forward 2N + input-gradient backward 2N per token
+    else:
+        latents = (cfg.resolution // 8) ** 2
+        flops = 4 * params * latents * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps / 16
+    seconds = flops / EFFECTIVE_FLOPS[device]
+    mem_gb = params * 4 / 1e9 * (1.5 if cfg.mixed_precision == "no" else 1.2) + 1.5
+    return f"rough estimate on {device}: {seconds / 60:.0f} min of training, ~{mem_gb:.1f} GB of memory"
+
+
+def _model_bytes(base_model: str) -> int:
+    name = base_model.lower()
+    path = model_dir(name) if name in EMBEDDED_MODELS else Path(base_model)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*.safetensors")) or sum(
+            p.stat().st_size for p in path.rglob("*.bin"))
+    return 0

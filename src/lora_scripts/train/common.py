@@ -1,0 +1,278 @@
+"""Pieces both training loops share: optimizer, schedule, seeding, atomic checkpoints and resume.
+
+The loops themselves (train/llm.py, train/sd.py) stay plain for-loops; they call these functions and
+report through `train.events.Events`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_scripts.config import TrainConfig
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE = "COMPLETE.json"
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepPlan:
+    batches_per_rank: int  # micro-batches each process runs per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+    epochs: int
+
+
+def plan_steps(n_items: int, cfg: TrainConfig, world: int = 1) -> StepPlan:
+    """How many batches and optimizer steps a run makes. With several processes the last partial batch is
+    dropped so every process runs the same number of batches (DDP would otherwise wait forever)."""
+    batches = n_items // cfg.batch_size if world > 1 else math.ceil(n_items / cfg.batch_size)
+    per_rank = batches // world
+    steps_per_epoch = math.ceil(per_rank / cfg.gradient_accumulation_steps) if per_rank else 0
+    total = cfg.max_train_steps or steps_per_epoch * cfg.epochs
+    epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
+    return StepPlan(per_rank, steps_per_epoch, total, epochs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    name = cfg.optimizer
+    if name == "adamw":
+        # foreach applies the update to all LoRA tensors in a few fused kernels instead of one per tensor.
+        return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("optimizer adamw8bit needs `pip install bitsandbytes` and a CUDA GPU; use adamw") from None
+        return bnb.optim.AdamW8bit(param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+            scale_parameter=False, relative_step=False, warmup_init=False,
+        )
+    raise ValueError(f"unknown optimizer {name}")
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    kwargs = {"num_cycles": cfg.num_cycles} if cfg.scheduler == "cosine_with_restarts" else {}
+    return get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_for(total_steps),
+        num_training_steps=total_steps, scheduler_specific_kwargs=kwargs,
+    )
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` optimizer steps done; in `epoch`, `group` accumulation groups done."""
+
+    step: int = 0
+    epoch: int = 0
+    group: int = 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_rng_state(folder: Path) -> None:
+    """RNG states as JSON + safetensors (no pickle, so a checkpoint from elsewhere cannot run code)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    info = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    (folder / "rng.json").write_text(json.dumps(info))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(folder / "rng.safetensors"))
+
+
+def load_rng_state(folder: Path) -> None:
+    info = json.loads((folder / "rng.json").read_text())
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    pos: Position,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    export_fn=None,
+    keep: int | None = None,
+) -> Path:
+    """Write `output_dir/checkpoint-<step>` atomically.
+
+    Everything goes into a hidden temporary folder first; a COMPLETE.json with each file's size and
+    sha256 is written last, the files and folder are fsynced, and one rename makes the checkpoint
+    visible. A kill at any moment leaves either the previous state or a complete new checkpoint.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{pos.step:06d}"
+    tmp = output_dir / f".tmp-checkpoint-{pos.step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    save_rng_state(tmp)
+    (tmp / "state.json").write_text(json.dumps({**asdict(pos), "time": time.time()}, indent=2))
+    (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if export_fn is not None:
+        export_fn(tmp)  # the family's own format (a PEFT adapter, a kohya file) so a checkpoint is usable as is
+
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    complete = tmp / COMPLETE
+    complete.write_text(json.dumps({"step": pos.step, "files": files}, indent=2))
+    with open(complete, "rb+") as fh:
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+    if final.exists():  # a rerun over the same step: replace it, never merge into it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    if keep is not None:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is complete and every file matches its recorded checksum; else why not."""
+    complete = path / COMPLETE
+    if not complete.exists():
+        return "no COMPLETE.json (an interrupted write)"
+    try:
+        info = json.loads(complete.read_text())
+    except ValueError:
+        return "COMPLETE.json is not valid JSON"
+    for name, meta in info.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(spec: str, output_dir: Path) -> Path | None:
+    """`latest` → the newest verified checkpoint in output_dir (None when there is none); else a path."""
+    if spec == "latest":
+        for ckpt in reversed(list_checkpoints(output_dir)):
+            if verify_checkpoint(ckpt) is None:
+                return ckpt
+        return None
+    path = Path(spec)
+    if not path.is_dir():
+        raise ResumeError(f"resume_from: {path} is not a checkpoint folder")
+    problem = verify_checkpoint(path)
+    if problem:
+        raise ResumeError(f"resume_from: {path} cannot be used: {problem}")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> Position:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unexpected = [n for n in weights if n not in params]
+    if missing or unexpected:
+        raise ResumeError(
+            f"{path}: the checkpoint does not fit this model/config "
+            f"({len(missing)} adapter tensors missing, {len(unexpected)} unexpected; e.g. "
+            f"{(missing or unexpected)[0]}). Was lora_rank, target_modules or base_model changed?"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise ResumeError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model wants "
+                                  f"{tuple(params[name].shape)}; was lora_rank changed?")
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    load_rng_state(path)
+    state = json.loads((path / "state.json").read_text())
+    return Position(step=state["step"], epoch=state["epoch"], group=state["group"])

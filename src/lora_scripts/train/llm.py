@@ -1,0 +1,282 @@
+"""LoRA fine-tuning of a causal LLM: one plain loop.
+
+Data order is a pure function of (seed, epoch), and a checkpoint stores (step, epoch, group) with the
+adapter, optimizer, scheduler and RNG states, so a resumed run continues with the very next batch and
+reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data import text as textdata
+from lora_scripts.llm_generate import generate_replies
+from lora_scripts.models.llm import context_length, load_llm, lora_config_for
+from lora_scripts.train.common import (
+    Position,
+    build_optimizer,
+    build_scheduler,
+    find_resume_checkpoint,
+    load_checkpoint,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+)
+from lora_scripts.train.events import Events, plot_loss_curve
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over labelled tokens, and their count.
+
+    Only positions that carry a label go through the LM head (`logits_to_keep`): the vocabulary
+    projection is a large share of a small model's compute, and prompt tokens need no logits.
+    """
+    labels = batch["shift_labels"]  # (B, T), already shifted: labels[:, t] is the token after t
+    keep = (labels != textdata.IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,)
+    inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+    target = labels[:, keep]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=textdata.IGNORE_INDEX)
+    return loss, int((target != textdata.IGNORE_INDEX).sum())
+
+
+def supports_packing(model) -> bool:
+    """Packed rows need the model to build its mask from position_ids (transformers' create_causal_mask)."""
+    arch = getattr(model.config, "model_type", "")
+    return arch in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
+                    "smollm3", "starcoder2"}
+
+
+def make_batch(items: list[textdata.Tokenized], packed: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
+    batch = textdata.collate_packed(items) if packed else textdata.collate_padded(items, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, data: list[textdata.Tokenized], batch_size: int, packed: bool, pad_id: int, accelerator) -> float:
+    """Token-weighted mean loss over `data` (every labelled token counts once)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = make_batch(data[i : i + batch_size], packed, pad_id, accelerator.device)
+        with accelerator.autocast():
+            loss, n = causal_lm_loss(model, batch)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[list[textdata.Sample], list[textdata.Sample]]:
+    source = cfg.resolved_metadata_path() or cfg.train_data_dir
+    if source is None:
+        raise textdata.DataError("set metadata_path (a .csv or .jsonl) or train_data_dir (a folder of .txt)")
+    samples = textdata.load_samples(Path(source))
+    if cfg.eval_data_path is not None:
+        return samples, textdata.load_samples(Path(cfg.eval_data_path))
+    return textdata.split_eval(samples, cfg.val_ratio, cfg.seed)
+
+
+def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out_dir = Path(cfg.output_dir)
+    events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
+    try:
+        seed_everything(cfg.seed)
+
+        # ---- data first: its errors must come before the slow model load -----------------------
+        train_samples, eval_samples = load_training_data(cfg)
+        model, tokenizer = load_llm(cfg.base_model, log=events.print)
+        ctx = context_length(model)
+        if ctx is not None and cfg.max_seq_length > ctx:
+            raise textdata.DataError(f"max_seq_length={cfg.max_seq_length} exceeds the model's context of {ctx} tokens")
+        train_data, stats = textdata.tokenize_all(tokenizer, train_samples, cfg.max_seq_length)
+        eval_data, _ = textdata.tokenize_all(tokenizer, eval_samples, cfg.max_seq_length)
+        if stats.truncated:
+            events.emit("warning", message=f"{stats.truncated} of {stats.samples} samples were longer than "
+                        f"max_seq_length={cfg.max_seq_length} tokens and were truncated")
+        packed = supports_packing(model)
+        pad_id = tokenizer.pad_token_id
+
+        plan = plan_steps(len(train_data), cfg, world)
+        if plan.batches_per_rank == 0:
+            raise textdata.DataError(f"{len(train_data)} samples cannot fill one batch of {cfg.batch_size} "
+                                     f"on each of {world} processes")
+        batches_per_rank, steps_per_epoch, total_steps, epochs = (
+            plan.batches_per_rank, plan.steps_per_epoch, plan.total_steps, plan.epochs)
+
+        # ---- adapter, optimizer, schedule --------------------------------------------------------
+        model.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora_config_for(cfg, model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(cfg, [{"params": params}])
+        scheduler = build_scheduler(cfg, optimizer, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        core = accelerator.unwrap_model(model)
+
+        pos = Position()
+        if cfg.resume_from:
+            ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
+            if ckpt is None:
+                events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
+            else:
+                pos = load_checkpoint(ckpt, core, optimizer, scheduler)
+                events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
+
+        n_trainable = sum(p.numel() for p in params)
+        events.emit(
+            "start", step=pos.step, total_steps=total_steps, epochs=epochs, steps_per_epoch=steps_per_epoch,
+            train_samples=len(train_data), eval_samples=len(eval_data), trainable_params=n_trainable,
+            packed=packed, processes=world, trained_tokens=stats.trained_tokens,
+            padding_fraction_if_padded=round(textdata.padding_fraction(
+                [[train_data[i] for i in b] for b in textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, 0)]), 4),
+        )
+        events.print(f"training {n_trainable:,} LoRA parameters on {len(train_data)} samples: {total_steps} steps, "
+                     f"{steps_per_epoch} per epoch, {'packed' if packed else 'padded'} batches of {cfg.batch_size}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+        def export_adapter(folder: Path) -> None:
+            core.save_pretrained(folder, safe_serialization=True)
+
+        def checkpoint() -> None:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                path = save_checkpoint(out_dir, pos, core, optimizer, scheduler, cfg, export_adapter,
+                                       keep=cfg.save_total_limit)
+                events.emit("checkpoint", step=pos.step, path=str(path))
+            accelerator.wait_for_everyone()
+
+        eval_losses: list[tuple[int, float]] = []
+
+        def run_eval() -> None:
+            if eval_data:
+                loss = evaluate(model, eval_data, cfg.batch_size, packed, pad_id, accelerator)
+                eval_losses.append((pos.step, loss))
+                events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss)
+
+        if pos.step == 0:
+            run_eval()  # the base model's eval loss: the reference the tuned model is judged against
+        sample_prompts = cfg.sample_prompts or [s.messages[-2]["content"] for s in eval_samples[:3] if s.messages]
+
+        # ---- the loop ------------------------------------------------------------------------------
+        events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
+        model.train()
+        last_loss = None
+        tick, tokens_since = time.perf_counter(), 0
+        while pos.step < total_steps:
+            all_batches = textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, pos.epoch)
+            mine = all_batches[: batches_per_rank * world][rank::world]
+            groups = [mine[i : i + cfg.gradient_accumulation_steps]
+                      for i in range(0, len(mine), cfg.gradient_accumulation_steps)]
+            for group in groups[pos.group :]:
+                group_loss = torch.zeros((), device=accelerator.device)
+                for micro, indices in enumerate(group):
+                    batch = make_batch([train_data[i] for i in indices], packed, pad_id, accelerator.device)
+                    tokens_since += int(batch["input_ids"].numel() if packed else batch["attention_mask"].sum())
+                    # Gradients are all-reduced only on the group's last micro-batch.
+                    sync = micro == len(group) - 1
+                    with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                        loss, _ = causal_lm_loss(model, batch)
+                        accelerator.backward(loss / len(group))
+                    group_loss += loss.detach() / len(group)
+                loss_value = float(accelerator.reduce(group_loss, reduction="mean"))
+                if not math.isfinite(loss_value):
+                    raise TrainingStopped(_nan_message(pos.step + 1, loss_value, cfg, out_dir))
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                pos.group += 1
+                last_loss = loss_value
+                elapsed = time.perf_counter() - tick
+                events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=scheduler.get_last_lr()[0],
+                            grad_norm=grad_norm, tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
+                tick, tokens_since = time.perf_counter(), 0
+                if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
+                    checkpoint()
+                if pos.step >= total_steps:
+                    break
+            if pos.group >= len(groups):  # the epoch is complete
+                run_eval()
+                if accelerator.is_main_process and sample_prompts:
+                    write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator)
+                accelerator.wait_for_everyone()
+                pos.epoch += 1
+                pos.group = 0
+
+        # ---- export ----------------------------------------------------------------------------------
+        if not eval_losses or eval_losses[-1][0] != pos.step:
+            run_eval()  # max_train_steps ended mid-epoch: still report where the run finished
+        checkpoint()
+        if accelerator.is_main_process:
+            export_adapter(out_dir)
+            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
+            events.emit("end", step=pos.step, final_loss=last_loss, adapter=str(out_dir / "adapter_model.safetensors"))
+        accelerator.wait_for_everyone()
+        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history)
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    finally:
+        events.close()
+
+
+def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:
+    with accelerator.autocast():
+        replies = generate_replies(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+    lines = [f"## epoch {pos.epoch + 1}, step {pos.step}\n"]
+    for i, r in enumerate(replies):
+        events.emit("sample", step=pos.step, index=i, prompt=r.prompt, text=r.text, stopped=r.stopped)
+        lines.append(f"### {r.prompt}\n{r.text}\n{'' if r.stopped else '[did not stop within max_new_tokens]'}\n")
+    with open(out_dir / "samples.md", "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def _nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str:
+    from lora_scripts.train.common import list_checkpoints
+
+    ckpts = list_checkpoints(out_dir)
+    last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    causes = []
+    if cfg.mixed_precision == "fp16":
+        causes.append("fp16 overflow (try mixed_precision: bf16 or no)")
+    causes.append(f"a learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it)")
+    return (f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. "
+            f"{last.capitalize()} (resume with resume_from: latest).")

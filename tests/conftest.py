@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models built in code, small datasets written to tmp folders."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_scripts.models.embedded import is_prepared, model_dir
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+def embedded_tokenizer_dir() -> Path:
+    folder = model_dir(EMBEDDED)
+    if not is_prepared(folder):
+        pytest.fail(f"the embedded model is not prepared in {folder}; run ./setup.sh first")
+    return folder
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template, saved as a transformers folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+STYLE_PAIRS = [
+    (f"Question number {i}: how do I {task}?", f"Hello friend! To {task}, start small. Step one: plan. Bye!")
+    for i, task in enumerate(
+        ["bake bread", "fix a bike", "learn chess", "plant tomatoes", "write a poem", "clean a window",
+         "tie a knot", "save money", "sleep better", "paint a wall", "brew tea", "read faster"] * 2
+    )
+]
+
+
+def write_pairs_csv(path: Path, pairs=STYLE_PAIRS) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "response"])
+        w.writerows(pairs)
+    return path
+
+
+@pytest.fixture
+def pairs_csv(tmp_path) -> Path:
+    return write_pairs_csv(tmp_path / "metadata.csv")
