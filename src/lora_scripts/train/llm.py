@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ from lora_scripts.train.common import (
     seed_everything,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
+
+
+# peft still calls a transformers property that warns on every model load; it is not the user's concern.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class TrainingStopped(RuntimeError):
@@ -239,6 +244,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 accelerator.wait_for_everyone()
                 pos.epoch += 1
                 pos.group = 0
+                tick, tokens_since = time.perf_counter(), 0  # eval/sampling time is not training time
 
         # ---- export ----------------------------------------------------------------------------------
         if not eval_losses or eval_losses[-1][0] != pos.step:
