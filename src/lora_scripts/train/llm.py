@@ -50,6 +50,8 @@ class TrainResult:
     final_loss: float | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    model: object = None  # the trained PeftModel, for callers that go on using it in-process
+    tokenizer: object = None
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -255,7 +257,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=last_loss, adapter=str(out_dir / "adapter_model.safetensors"))
         accelerator.wait_for_everyone()
-        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history)
+        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, core, tokenizer)
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -1,0 +1,239 @@
+"""End-to-end LLM training on a tiny Llama built in code: outputs, resume, NaN, DDP, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lora_scripts.config import load_config
+from lora_scripts.data import text as td
+from lora_scripts.train import llm as llm_train
+from lora_scripts.train.common import list_checkpoints, verify_checkpoint
+
+
+def overrides(model, data, out, **kw):
+    base = {"base_model": model, "metadata_path": data, "output_dir": out, "epochs": 3, "batch_size": 4,
+            "learning_rate": 5e-3, "save_steps": 100, "max_new_tokens": 8, "seed": 7}
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_training_learns_and_writes_every_output(tiny_llama, pairs_csv, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(tiny_llama, pairs_csv, out, epochs=6, learning_rate=2e-2, val_ratio=0.25,
+                                      save_steps=5, target_modules="all-linear"))
+    result = llm_train.train_llm(cfg, progress=False)
+    steps = [e for e in result.events if e["event"] == "step"]
+    assert result.steps == len(steps) == 6 * 5  # 18 train samples -> 5 batches of 4 per epoch
+    first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
+    assert last < first * 0.9, (first, last)
+    for name in ["adapter_model.safetensors", "adapter_config.json", "config.yaml", "events.jsonl",
+                 "loss_curve.png", "samples.md"]:
+        assert (out / name).exists(), name
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000020", "checkpoint-000025", "checkpoint-000030"]
+    assert all(verify_checkpoint(p) is None for p in list_checkpoints(out))
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    start = next(e for e in result.events if e["event"] == "start")
+    assert start["packed"] is True and start["total_steps"] == 30
+    assert all(s["tokens_per_s"] > 0 for s in steps)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_packed_loss_equals_token_weighted_loss_of_single_samples(tiny_llama, pairs_csv):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    items = [td.tokenize_sample(tok, s, 256) for s in td.load_samples(pairs_csv)[:4]]
+    with torch.no_grad():
+        packed, n = llm_train.causal_lm_loss(model, td.collate_packed(items))
+        singles = [llm_train.causal_lm_loss(model, td.collate_packed([t])) for t in items]
+        padded, n_pad = llm_train.causal_lm_loss(model, td.collate_padded(items, tok.pad_token_id))
+    weighted = sum(loss * k for loss, k in singles) / sum(k for _, k in singles)
+    assert n == n_pad == sum(k for _, k in singles)
+    assert abs(float(packed) - float(weighted)) < 1e-5
+    assert abs(float(padded) - float(weighted)) < 1e-5
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from lora_scripts.config import load_config
+    from lora_scripts.train.llm import train_llm
+    kill_at = int(sys.argv[1])
+    def on_event(e):
+        if e["event"] == "step" and e["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train_llm(load_config(None, sys.argv[2:]), callback=on_event, progress=False)
+""")
+
+
+def run_script(kill_at, args):
+    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(kill_at), *args], capture_output=True, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_llama, pairs_csv, tmp_path):
+    # dropout and accumulation make the RNG state and the group position matter; 3 steps per epoch, 9 in all
+    common = dict(save_steps=2, lora_dropout=0.1, gradient_accumulation_steps=2, epochs=3)
+    full = run_script(-1, overrides(tiny_llama, pairs_csv, tmp_path / "full", **common))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    killed = run_script(5, overrides(tiny_llama, pairs_csv, killed_dir, **common))
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(killed_dir)] == ["checkpoint-000002", "checkpoint-000004"]
+    assert not (killed_dir / "adapter_model.safetensors").exists()
+
+    resumed = run_script(-1, overrides(tiny_llama, pairs_csv, killed_dir, resume_from="latest", **common))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    events = [json.loads(line) for line in (killed_dir / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [s["step"] for s in starts] == [0, 4]
+    steps_after_resume = [e["step"] for e in events[events.index(starts[1]):] if e["event"] == "step"]
+    assert steps_after_resume == [5, 6, 7, 8, 9]
+
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(killed_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tiny_llama, pairs_csv, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = llm_train.causal_lm_loss
+
+    def poisoned(model, batch):
+        loss, n = real(model, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), n
+
+    monkeypatch.setattr(llm_train, "causal_lm_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(llm_train.TrainingStopped) as err:
+        llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, out, save_steps=2)), progress=False)
+    msg = str(err.value)
+    assert "loss became nan at step 3" in msg and "learning rate" in msg
+    assert str(out / "checkpoint-000002") in msg
+    assert verify_checkpoint(out / "checkpoint-000002") is None
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_two_rank_cpu_ddp_trains_one_output(tiny_llama, pairs_csv, tmp_path):
+    """`train --num-processes 2` relaunches itself under torchrun: 2 CPU ranks over gloo, one output.
+
+    Run as a subprocess: forking ranks from a pytest process whose OpenMP pool is already running can hang.
+    """
+    out = tmp_path / "ddp"
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text("\n".join(a.replace("=", ": ", 1) for a in overrides(tiny_llama, pairs_csv, out, epochs=2, save_steps=2)))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(cfg), "--num-processes",
+                           "2", "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["processes"] == 2
+    # 24 samples = 6 batches of 4, split over 2 ranks -> 3 steps per epoch
+    assert start["total_steps"] == 6 and [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert (out / "adapter_model.safetensors").exists()
+    assert proc.stdout.count("done: 6 steps") == 1  # only rank 0 reports
+
+
+RELOAD_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_dir, adapter_dir, ids_path, out_path = sys.argv[1:5]
+    ids = torch.load(ids_path)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_dir)
+        plain.load_adapter(adapter_dir)  # transformers' own adapter loading
+        hf_logits = plain.eval()(input_ids=ids).logits
+    torch.save({"peft": peft_logits, "hf": hf_logits}, out_path)
+""")
+
+
+def test_adapter_reloads_in_fresh_process_and_merged_export_matches(tiny_llama, pairs_csv, tmp_path):
+    from lora_scripts.cli import main
+
+    out = tmp_path / "run"
+    result = llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, out)), progress=False)
+    ids = torch.tensor([[1, 520, 3000, 12, 77, 4000, 9]])
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(tiny_llama), str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = torch.load(tmp_path / "logits.pt")
+    assert float((reloaded["peft"] - trained).abs().max()) <= 1e-5
+    assert float((reloaded["hf"] - trained).abs().max()) <= 1e-5
+    # and the training actually changed the model
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
+    assert float((base_logits - trained).abs().max()) > 1e-3
+
+    merged_dir = tmp_path / "merged"
+    assert main(["export", "--merge", "--base", str(tiny_llama), "--lora", str(out), "--out", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        assert float((merged(input_ids=ids).logits - trained).abs().max()) <= 1e-4
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_weighted_adapters_apply_the_weighted_sum_of_updates(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_scripts.export.peft import export_merged
+
+    deltas = []
+    for i, (r, alpha) in enumerate([(4, 8), (2, 6)]):
+        torch.manual_seed(i)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        m.save_pretrained(tmp_path / f"a{i}")
+        sd = load_file(tmp_path / f"a{i}" / "adapter_model.safetensors")
+        deltas.append({k.replace(".lora_A.weight", ""): (sd[k.replace("lora_A", "lora_B")] @ sd[k]) * alpha / r
+                       for k in sd if "lora_A" in k})
+    export_merged(str(tiny_llama), [f"{tmp_path / 'a0'}:0.5", f"{tmp_path / 'a1'}:2"], tmp_path / "mix")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    mixed = AutoModelForCausalLM.from_pretrained(tmp_path / "mix").state_dict()
+    checked = 0
+    for key, d0 in deltas[0].items():
+        weight = key.replace("base_model.model.", "") + ".weight"
+        expected = base[weight] + 0.5 * d0 + 2.0 * deltas[1][key]
+        torch.testing.assert_close(mixed[weight], expected, atol=1e-5, rtol=1e-5)
+        checked += 1
+    assert checked == 4  # q_proj and v_proj in 2 layers
+
+
+@pytest.mark.parametrize("lora_type", ["dora", "rslora"])
+def test_dora_and_rslora_train(tiny_llama, pairs_csv, tmp_path, lora_type):
+    out = tmp_path / lora_type
+    llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, out, epochs=1, lora_type=lora_type)),
+                        progress=False)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is (lora_type == "dora") and config["use_rslora"] is (lora_type == "rslora")
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    assert any("lora_magnitude_vector" in k for k in keys) is (lora_type == "dora")
+
+
+def test_cli_train_runs_preflight_first(tiny_llama, tmp_path, capsys):
+    from lora_scripts.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: {tiny_llama}\nmetadata_path: {tmp_path / 'missing.csv'}\noutput_dir: {tmp_path / 'o'}\n")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.csv: not found" in err and "nothing was trained" in err
+    assert not (tmp_path / "o").exists()
+    os.environ.pop("LOCAL_RANK", None)
