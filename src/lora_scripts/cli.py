@@ -210,6 +210,25 @@ def cmd_demo(args) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def add_label(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder of images, e.g. data/cyberpunk_night")
+    p.add_argument("--output", help="CSV to write (default: <input>/metadata.csv)")
+    p.add_argument("--clip-model", help="a local CLIP folder (transformers CLIPModel + processor)")
+    p.add_argument("--captioner", help="a local image-to-text model folder whose sentence leads each prompt")
+    p.add_argument("--trigger", help="word prepended to every prompt")
+    p.add_argument("--max-phrases", type=int, default=8)
+    p.add_argument("--extra-phrases", help="a text file of your own phrases, one per line")
+    p.add_argument("--sidecar", action="store_true", help="also write kohya-style .txt files")
+    p.add_argument("--dry-run", action="store_true", help="print the prompts, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="relabel every image (old CSV kept as .bak)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a LoRA .safetensors file or a PEFT adapter folder")
+
+
 def not_yet(what: str, issue: str) -> Callable:
     def run(args) -> int:
         return _fail(f"`lora-scripts {what}` is not available yet in this version ({issue}).")
@@ -224,10 +243,9 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("write a merged model (base + adapter)", add_export, cmd_export),
     "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
     "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),
-    "label": ("auto-caption images into metadata.csv", lambda p: p.add_argument("rest", nargs="*"),
+    "label": ("auto-caption images into metadata.csv", add_label,
               not_yet("label", "CLIP auto-labelling is being built")),
-    "inspect": ("describe a LoRA file or folder", lambda p: p.add_argument("rest", nargs="*"),
-                not_yet("inspect", "the LoRA tools are being built")),
+    "inspect": ("describe a LoRA file or folder", add_inspect, not_yet("inspect", "the LoRA tools are being built")),
 }
 
 

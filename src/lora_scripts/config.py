@@ -252,7 +252,10 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"command line: '{item}' is not key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # e.g. `sample_prompts=[Why?]` is not valid YAML: keep the text; validation judges it
     return key, value
 
 

@@ -127,11 +127,11 @@ def check_image(path: Path, resolution: int) -> tuple[str | None, str | None]:
         return "not an image (or an unsupported format)", None
     except (OSError, SyntaxError) as exc:
         return f"corrupt or truncated ({exc})", None
-    if min(w, h) < 8:
-        return f"{w}x{h} is too small to train on", None
-    aspect = max(w, h) / min(w, h)
+    aspect = max(w, h) / max(min(w, h), 1)
     if aspect > MAX_ASPECT:
         return f"{w}x{h} has aspect ratio {aspect:.0f}:1; SD buckets go up to {MAX_ASPECT:.0f}:1 (crop it first)", None
+    if min(w, h) < 8:
+        return f"{w}x{h} is too small to train on", None
     notes = []
     if mode == "CMYK":
         notes.append("CMYK, converted to RGB")

@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.models.embedded import EMBEDDED_MODELS, cache_root, convert_gguf, is_prepared, resolve_embedded
+from lora_scripts.models.embedded import (
+    EMBEDDED_MODELS,
+    cache_root,
+    convert_gguf,
+    is_prepared,
+    resolve_embedded,
+)
 
 # Attention projections by architecture family, in the order we look for them. The first family whose
 # names all occur in the model wins; otherwise every linear layer is adapted.

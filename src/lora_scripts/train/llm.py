@@ -33,7 +33,6 @@ from lora_scripts.train.common import (
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 
-
 # peft still calls a transformers property that warns on every model load; it is not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -257,7 +256,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=last_loss, adapter=str(out_dir / "adapter_model.safetensors"))
         accelerator.wait_for_everyone()
-        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, core, tokenizer)
+        # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
+        plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -1,0 +1,87 @@
+"""Atomic checkpoints: a partial write is never taken for a checkpoint; corruption is detected."""
+
+import torch
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.train.common import (
+    Position,
+    build_optimizer,
+    build_scheduler,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    plan_steps,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    cfg = TrainConfig(base_model="x", learning_rate=0.1, warmup_steps=2, scheduler="cosine")
+    opt = build_optimizer(cfg, [{"params": list(model.parameters())}])
+    sched = build_scheduler(cfg, opt, total_steps=10)
+    return cfg, model, opt, sched
+
+
+def step(model, opt, sched):
+    model(torch.randn(2, 4)).pow(2).sum().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_save_load_restores_weights_optimizer_schedule_and_rng(tmp_path):
+    cfg, model, opt, sched = tiny_setup()
+    for _ in range(3):
+        step(model, opt, sched)
+    path = save_checkpoint(tmp_path, Position(3, 1, 2), model, opt, sched, cfg)
+    assert path.name == "checkpoint-000003" and verify_checkpoint(path) is None
+    expected_next = torch.rand(3)
+    step(model, opt, sched)
+    after_one_more = model.weight.detach().clone()
+
+    _, model2, opt2, sched2 = tiny_setup(seed=99)  # different init: everything must come from the checkpoint
+    pos = load_checkpoint(path, model2, opt2, sched2)
+    assert pos == Position(3, 1, 2)
+    assert torch.equal(torch.rand(3), expected_next)  # the RNG continues exactly where it was
+    step(model2, opt2, sched2)  # same random batch, same Adam moments, same learning rate
+    assert torch.equal(model2.weight, after_one_more)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"] == 4
+
+
+def test_partial_write_is_ignored_and_corruption_detected(tmp_path):
+    cfg, model, opt, sched = tiny_setup()
+    good = save_checkpoint(tmp_path, Position(2), model, opt, sched, cfg)
+    newer = save_checkpoint(tmp_path, Position(4), model, opt, sched, cfg)
+    # a kill during a write leaves a hidden temp folder, and a folder without COMPLETE.json
+    (tmp_path / ".tmp-checkpoint-000006-123").mkdir()
+    (tmp_path / "checkpoint-000008").mkdir()
+    assert list_checkpoints(tmp_path) == [good, newer]
+    assert find_resume_checkpoint("latest", tmp_path) == newer
+    # flip one byte of the newest: it is refused and the older one is used
+    f = newer / "trainable.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert "does not match its checksum" in verify_checkpoint(newer)
+    assert find_resume_checkpoint("latest", tmp_path) == good
+
+
+def test_rotation_keeps_newest(tmp_path):
+    cfg, model, opt, sched = tiny_setup()
+    for s in range(1, 6):
+        save_checkpoint(tmp_path, Position(s), model, opt, sched, cfg, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000004", "checkpoint-000005"]
+
+
+def test_plan_steps():
+    cfg = TrainConfig(base_model="x", batch_size=4, gradient_accumulation_steps=2, epochs=3)
+    p = plan_steps(30, cfg)  # 8 batches (last one partial) -> 4 steps per epoch
+    assert (p.batches_per_rank, p.steps_per_epoch, p.total_steps, p.epochs) == (8, 4, 12, 3)
+    p = plan_steps(30, cfg, world=2)  # 7 full batches -> 3 per rank -> 2 steps per epoch
+    assert (p.batches_per_rank, p.steps_per_epoch, p.total_steps) == (3, 2, 6)
+    p = plan_steps(30, cfg.model_copy(update={"max_train_steps": 5}))
+    assert (p.total_steps, p.epochs) == (5, 2)

@@ -1,0 +1,76 @@
+"""The commands as a user types them: wrappers, help, exit codes, messages."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_scripts.cli import COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_train_py_wrapper_reports_a_misspelt_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base_model: smollm2-135m-instruct\nlearning_rte: 1e-4\n")
+    proc = run("train.py", "--config", str(cfg))
+    assert proc.returncode == 2
+    assert f"{cfg}:2: learning_rte: unknown key; did you mean learning_rate?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_ok_and_error_exit_codes(tmp_path, pairs_csv, tiny_llama, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: {tiny_llama}\nmetadata_path: {pairs_csv}\noutput_dir: {tmp_path / 'o'}\n")
+    assert main(["validate", "--config", str(cfg)]) == 0
+    assert "ready to train" in capsys.readouterr().out
+    assert main(["validate", "--config", str(cfg), f"metadata_path={tmp_path / 'gone.csv'}"]) == 2
+    assert "gone.csv: not found" in capsys.readouterr().out
+
+
+def test_validate_lists_documented_keys(capsys):
+    assert main(["validate", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ["train_data_dir", "metadata_path", "base_model", "lora_rank", "lora_alpha", "batch_size", "epochs",
+                "learning_rate", "optimizer", "scheduler", "output_dir", "save_steps", "logging_dir"]:
+        assert f"\n{key}  (" in "\n" + out
+
+
+@pytest.mark.parametrize("argv", [["label", "--input", "x"], ["inspect", "x.safetensors"]])
+def test_unbuilt_commands_say_so(argv, capsys):
+    assert main(argv) == 2
+    assert "is not available yet" in capsys.readouterr().err
+
+
+def test_auto_label_wrapper_dispatches_to_label():
+    proc = run("tools/auto_label.py", "--input", "x", "--output", "y.csv")
+    assert proc.returncode == 2 and "`lora-scripts label` is not available yet" in proc.stderr
+
+
+def test_every_command_has_help():
+    for name in COMMANDS:
+        proc = run("-m", "lora_scripts.cli", name, "--help")
+        assert proc.returncode == 0 and "usage: lora-scripts" in proc.stdout, name
+
+
+def test_generate_answers_prompts_with_a_weighted_adapter(tiny_llama, pairs_csv, tmp_path, capsys):
+    from lora_scripts.config import load_config
+    from lora_scripts.train.llm import train_llm
+
+    out = tmp_path / "a"
+    train_llm(load_config(None, [f"base_model={tiny_llama}", f"metadata_path={pairs_csv}", f"output_dir={out}",
+                                 "epochs=1", "max_new_tokens=4"]), progress=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first question\n\nsecond question\n")
+    code = main(["generate", "--base", str(tiny_llama), "--lora", f"{out}:0.7", "--prompts-file", str(prompts),
+                 "--max-new-tokens", "5"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert text.count(">>> ") == 2 and ">>> second question" in text
+    assert main(["generate", "--base", str(tiny_llama), "--lora", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a PEFT adapter folder" in capsys.readouterr().err

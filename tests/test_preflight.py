@@ -1,0 +1,132 @@
+"""The preflight: each kind of bad input gets its own precise message, before any model is loaded."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_scripts.config import load_config
+from lora_scripts.data import images as imgdata
+from lora_scripts.preflight import run_preflight
+
+
+def save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    save(rgb, d / "good.png")
+    save(rgb.convert("CMYK"), d / "cmyk.jpg")
+    save(Image.fromarray((rng.integers(0, 65535, (64, 64))).astype(np.uint16)), d / "deep16.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)
+    save(rgba, d / "alpha.png")
+    save(rgb.convert("L"), d / "gray.png")
+    save(Image.new("RGB", (1, 4000)), d / "sliver.png")
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "garbage.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    save(rgb, d / "nocaption.png")
+    save(rgb, d / "sidecar.png")
+    (d / "sidecar.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
+    rows = ["filename,prompt", "good.png,\"a photo, with commas\"", "cmyk.jpg,print", "deep16.png,deep",
+            "alpha.png,alpha", "gray.png,gray", "sliver.png,thin", "zero.jpg,z", "garbage.jpg,g",
+            "truncated.jpg,t", "ghost.png,an image that does not exist", "good.png,duplicate row", "empty.png,"]
+    (d / "metadata.csv").write_bytes(("\ufeff" + "\n".join(rows) + "\n").encode())
+    return d
+
+
+def findings(tmp_path, **kw):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    args = {"base_model": str(model), "output_dir": str(tmp_path / "out"), "resolution": 64, **kw}
+    report = run_preflight(load_config(None, [f"{k}={v}" for k, v in args.items()]))
+    return report, {f.message for f in report.findings}
+
+
+def has(messages, *parts):
+    return any(all(p in m for p in parts) for m in messages)
+
+
+def test_every_bad_image_and_caption_is_reported(tmp_path, image_dir):
+    report, msgs = findings(tmp_path, train_data_dir=image_dir)
+    assert not report.ok and report.model_type == "sd15"
+    errors = set(report.errors)
+    assert has(errors, "zero.jpg: zero-byte file")
+    assert has(errors, "garbage.jpg: not an image")
+    assert has(errors, "truncated.jpg: corrupt or truncated")
+    assert has(errors, "sliver.png: 1x4000 has aspect ratio 4000:1")
+    assert has(errors, "ghost.png is listed but there is no such image")
+    assert has(errors, "nocaption.png: no caption")
+    assert has(errors, "sidecar.txt: not UTF-8 text")
+    assert has(errors, "metadata.csv:13: empty.png has an empty caption")
+    warnings = {f.message for f in report.findings if f.level == "warning"}
+    assert has(warnings, "metadata.csv:12: good.png is listed twice")
+    assert has(warnings, "cmyk.jpg: CMYK, converted to RGB")
+    assert has(warnings, "deep16.png: 16-bit, converted to 8-bit")
+    assert has(warnings, "alpha.png: has transparency, flattened on white")
+    assert has(warnings, "gray.png: grayscale, converted to RGB")
+    assert not has(msgs, "good.png: ")  # the good image (with a quoted comma caption) raises nothing
+
+
+def test_conversions_open_as_rgb(image_dir):
+    for name in ["cmyk.jpg", "deep16.png", "alpha.png", "gray.png"]:
+        img = imgdata.open_rgb(image_dir / name)
+        assert img.mode == "RGB"
+    # fully transparent pixels are flattened on white
+    assert imgdata.open_rgb(image_dir / "alpha.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert imgdata.open_rgb(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_repeat_folders(tmp_path):
+    (tmp_path / "10_style").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "10_style" / "a.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
+    items = {it.key: it.repeats for it in imgdata.scan_images(tmp_path)}
+    assert items == {"10_style/a.png": 10, "b.png": 1}
+
+
+def test_missing_paths_and_contradictions(tmp_path):
+    report, _ = findings(tmp_path, train_data_dir=tmp_path / "nope")
+    assert has(report.errors, "nope: not a folder")
+    report, _ = findings(tmp_path, base_model=tmp_path / "missing.safetensors", train_data_dir=tmp_path)
+    assert has(report.errors, "missing.safetensors: no such file or folder")
+    report, _ = findings(tmp_path, mixed_precision="fp16", train_data_dir=tmp_path)
+    assert has(report.errors, "fp16 needs a CUDA GPU")
+
+
+def test_llm_plan_warnings(tmp_path, pairs_csv, tiny_llama):
+    base = {"base_model": tiny_llama, "metadata_path": pairs_csv, "output_dir": tmp_path / "o", "batch_size": 4}
+    report = run_preflight(load_config(None, [f"{k}={v}" for k, v in {**base, "epochs": 2, "save_steps": 500}.items()]))
+    msgs = [f.message for f in report.findings]
+    assert report.ok and report.model_type == "llm"
+    assert has(msgs, "6 optimizer steps per epoch, 12 in all over 2 epoch(s)")
+    assert has(msgs, "save_steps=500 is larger than the 12 total steps")
+    assert has(msgs, "24 training samples is below the 50-200 sweet spot")
+    report = run_preflight(load_config(None, [f"{k}={v}" for k, v in {**base, "epochs": 1, "warmup_steps": 6}.items()]))
+    assert has(report.errors, "warmup of 6 steps is not shorter than the 6 training steps")
+
+
+def test_unreadable_output_dir(tmp_path, pairs_csv, tiny_llama):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    report = run_preflight(load_config(None, [f"base_model={tiny_llama}", f"metadata_path={pairs_csv}",
+                                              f"output_dir={blocker / 'sub'}"]))
+    assert has(report.errors, "cannot write there")
