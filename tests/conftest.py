@@ -62,3 +62,54 @@ def write_pairs_csv(path: Path, pairs=STYLE_PAIRS) -> Path:
 @pytest.fixture
 def pairs_csv(tmp_path) -> Path:
     return write_pairs_csv(tmp_path / "metadata.csv")
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer CLIP with SD1.5's tokenizer (shipped) and a 32 px image processor."""
+    from importlib import resources
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    tok = CLIPTokenizer.from_pretrained(str(resources.files("lora_scripts") / "resources" / "clip_tokenizer"))
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """A tiny BLIP captioner with a 16-word vocabulary."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "city", "night", "cat",
+             "red", "blue", "the", "street"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"))

@@ -216,13 +216,43 @@ def add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", help="a local CLIP folder (transformers CLIPModel + processor)")
     p.add_argument("--captioner", help="a local image-to-text model folder whose sentence leads each prompt")
     p.add_argument("--trigger", help="word prepended to every prompt")
-    p.add_argument("--max-phrases", type=int, default=8)
+    p.add_argument("--max-phrases", type=int, default=8, help="most CLIP phrases per prompt")
+    p.add_argument("--threshold", type=float, default=0.18,
+                   help="least CLIP cosine similarity for a phrase to be used (0.18 suits OpenAI CLIP ViT-L/14)")
     p.add_argument("--extra-phrases", help="a text file of your own phrases, one per line")
     p.add_argument("--sidecar", action="store_true", help="also write kohya-style .txt files")
     p.add_argument("--dry-run", action="store_true", help="print the prompts, write nothing")
     p.add_argument("--overwrite", action="store_true", help="relabel every image (old CSV kept as .bak)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
+
+
+def cmd_label(args) -> int:
+    from lora_scripts.data.captions import LabelError, label_folder
+
+    try:
+        result = label_folder(
+            Path(args.input), Path(args.output) if args.output else None, clip_model=args.clip_model,
+            captioner=args.captioner, trigger=args.trigger, max_phrases=args.max_phrases, threshold=args.threshold,
+            extra_phrases=Path(args.extra_phrases) if args.extra_phrases else None, sidecar=args.sidecar,
+            dry_run=args.dry_run, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
+        )
+    except LabelError as exc:
+        return _fail(str(exc))
+    output = args.output or str(Path(args.input) / "metadata.csv")
+    if args.dry_run:
+        width = max((len(k) for k in result.labelled), default=8)
+        print(f"{'filename':<{width}}  prompt")
+        for name, prompt in result.labelled.items():
+            print(f"{name:<{width}}  {prompt}")
+    else:
+        print(f"{output}: {len(result.labelled)} image(s) labelled, {result.kept} existing row(s) kept")
+    for name, why in result.skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    if result.skipped:
+        print(f"{len(result.skipped)} image(s) could not be read and were skipped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
@@ -243,8 +273,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("write a merged model (base + adapter)", add_export, cmd_export),
     "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
     "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),
-    "label": ("auto-caption images into metadata.csv", add_label,
-              not_yet("label", "CLIP auto-labelling is being built")),
+    "label": ("auto-caption images into metadata.csv with CLIP", add_label, cmd_label),
     "inspect": ("describe a LoRA file or folder", add_inspect, not_yet("inspect", "the LoRA tools are being built")),
 }
 

@@ -144,3 +144,28 @@ def check_image(path: Path, resolution: int) -> tuple[str | None, str | None]:
     if w * h < (resolution * resolution) / 4:
         notes.append(f"{w}x{h} is well below {resolution}px and will be upscaled (blurry)")
     return None, "; ".join(notes) or None
+
+
+def load_captioned_images(folder: Path, metadata_path: Path | None = None, trigger: str | None = None) -> list[ImageItem]:
+    """The training set: every image with its caption (metadata.csv wins over a sidecar .txt).
+
+    Raises CaptionFileError listing every image without a caption; run `lora-scripts validate` for the full
+    report of unreadable files.
+    """
+    folder = Path(folder)
+    meta = Path(metadata_path) if metadata_path else folder / "metadata.csv"
+    table = read_caption_csv(meta) if meta.exists() else CaptionTable()
+    items, missing = [], []
+    for it in scan_images(folder):
+        caption = table.captions.get(it.key, table.captions.get(it.path.name))
+        if caption is None:
+            caption = read_sidecar(it.path)
+        if not caption:
+            missing.append(it.key)
+            continue
+        it.caption = f"{trigger}, {caption}" if trigger else caption
+        items.append(it)
+    if missing:
+        raise CaptionFileError(f"{len(missing)} image(s) have no caption: {', '.join(missing[:10])}"
+                               + (" ..." if len(missing) > 10 else ""))
+    return items
