@@ -84,7 +84,13 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
     """A tiny BLIP captioner with a 16-word vocabulary."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "city", "night", "cat",

@@ -109,8 +109,13 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[textdata.Sample], list[te
 
 def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from peft import get_peft_model
 
+    # accelerate keeps its mixed-precision setting in a process-wide singleton; a second train() call in the
+    # same process (a notebook, a test, a sweep) must be free to choose another precision. The distributed
+    # state (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
