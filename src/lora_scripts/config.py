@@ -58,6 +58,60 @@ class TrainConfig(BaseModel):
     max_seq_length: int = Field(default=512, ge=16)
     """Longest LLM sample in tokens; longer samples are truncated, with a warning that counts them."""
 
+    # ---- images (Stable Diffusion) ---------------------------------------------------------------
+    repeats: int | None = Field(default=None, ge=1)
+    """How often each image is seen per epoch. Default: the N of kohya `N_name` sub-folders; for a flat
+    folder, enough repeats that an epoch has about 100 image views (reported by the preflight)."""
+
+    trigger_word: str | None = None
+    """A word put in front of every caption (e.g. `cybrpnk_night`), so the style can be called up by name."""
+
+    shuffle_caption: bool = False
+    """Shuffle the comma-separated tags of each caption every step (the first keep_tokens stay in place)."""
+
+    keep_tokens: int = Field(default=0, ge=0)
+    """Leading comma-separated tags never shuffled (the trigger word is always kept first)."""
+
+    caption_dropout_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Probability of training a step with an empty caption (helps classifier-free guidance)."""
+
+    flip_aug: bool = False
+    """Random horizontal flips (off for subjects whose left/right matters: text, asymmetric logos)."""
+
+    noise_offset: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Offset noise (0.05-0.1) lets the model learn very dark or very bright images."""
+
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    """Min-SNR-gamma loss weighting (5 is the paper's value): faster, steadier convergence."""
+
+    v_parameterization: bool | None = None
+    """Force v-prediction (SD 2.x 768) on or off; default: from the model."""
+
+    train_unet_conv: bool = False
+    """LoCon: also put LoRA on the UNet's 3x3 convolutions (more capacity for textures, bigger file)."""
+
+    cache_latents: bool = True
+    """Encode each image with the VAE once and reuse the latents across epochs, runs and resumes."""
+
+    model_config_dir: Path | None = None
+    """A diffusers config folder for a single-file checkpoint of non-standard shape (default: the shipped
+    SD1.5 / SD2 / SDXL configs)."""
+
+    sample_every_n_epochs: int | None = Field(default=1, ge=1)
+    """Sample the prompts in `sample_prompts` after every N epochs (null: only at the end)."""
+
+    sample_steps: int = Field(default=20, ge=1)
+    """Denoising steps for sample images."""
+
+    sample_guidance: float = Field(default=7.0, ge=0.0)
+    """Classifier-free guidance scale for sample images."""
+
+    sample_negative_prompt: str = ""
+    """Negative prompt for sample images."""
+
+    save_precision: Literal["fp16", "fp32", "bf16"] = "fp16"
+    """dtype of the exported image LoRA files (fp16 is what the WebUIs expect; fp32 for exact reloads)."""
+
     # ---- the adapter -----------------------------------------------------------------------------
     lora_type: Literal["lora", "dora", "rslora"] = "lora"
     """lora: classic LoRA. dora: weight-decomposed LoRA (often better at low rank, ~2x slower).

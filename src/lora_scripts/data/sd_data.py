@@ -1,0 +1,192 @@
+"""Stable Diffusion training data: aspect-ratio buckets, caption augmentation and the on-disk latent cache.
+
+Images are never squashed or cropped to squares: each goes to the bucket (width, height in 64-px steps,
+about resolution² pixels) nearest its aspect ratio, is scaled to cover it and cropped by the few pixels
+that remain. Latents are cached per (image content, bucket, flip, VAE) so a second run or a resume
+skips the VAE entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from lora_scripts.data.images import ImageItem, open_rgb
+
+FLAT_FOLDER_VIEWS = 100  # image views per epoch that auto-repeats aim for with a flat folder
+
+
+def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """(width, height) pairs with width*height <= resolution², both multiples of `step`."""
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * 4:
+        h = (area // w) // step * step
+        if h >= step and max(w, h) / min(w, h) <= max_aspect:
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    w, h = size
+    target = math.log(w / h)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+
+
+def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Scale to cover the bucket, then centre-crop the overhang (at most a few % of one side)."""
+    bw, bh = bucket
+    scale = max(bw / img.width, bh / img.height)
+    nw, nh = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return img.crop((left, top, left + bw, top + bh))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB → (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def auto_repeats(items: list[ImageItem]) -> int:
+    """Repeats for a flat folder so that one epoch holds about FLAT_FOLDER_VIEWS image views."""
+    return max(1, math.ceil(FLAT_FOLDER_VIEWS / max(len(items), 1)))
+
+
+def augment_caption(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int, dropout: float) -> str:
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+@dataclass
+class Sample:
+    item: ImageItem
+    bucket: tuple[int, int]
+    image_hash: str
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_samples(items: list[ImageItem], resolution: int) -> tuple[list[Sample], dict[tuple[int, int], int]]:
+    """Assign every image its bucket; returns the samples and the bucket table (bucket -> image count)."""
+    buckets = make_buckets(resolution)
+    samples, table = [], defaultdict(int)
+    for it in items:
+        with Image.open(it.path) as im:
+            size = im.size
+            orientation = (im.getexif() or {}).get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
+            size = (size[1], size[0])
+        bucket = nearest_bucket(size, buckets)
+        samples.append(Sample(it, bucket, file_hash(it.path)))
+        table[bucket] += 1
+    return samples, dict(sorted(table.items()))
+
+
+def epoch_batches(samples: list[Sample], repeats: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of sample indices, every batch from one bucket; a pure function of (seed, epoch)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for idx, (s, r) in enumerate(zip(samples, repeats)):
+        by_bucket[s.bucket] += [idx] * r
+    batches = []
+    for bucket in sorted(by_bucket):
+        views = by_bucket[bucket]
+        rng.shuffle(views)
+        batches += [views[i : i + batch_size] for i in range(0, len(views), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class LatentCache:
+    """Latents on disk, keyed by image content + bucket + flip + VAE; each file carries its checksum."""
+
+    def __init__(self, root: Path, vae) -> None:
+        self.vae = vae
+        self.folder = Path(root) / vae_fingerprint(vae)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def path(self, s: Sample, flip: bool) -> Path:
+        w, h = s.bucket
+        return self.folder / f"{s.image_hash[:40]}_{w}x{h}{'_flip' if flip else ''}.safetensors"
+
+    def get(self, s: Sample, flip: bool) -> torch.Tensor:
+        path = self.path(s, flip)
+        if path.exists():
+            latent = _read_checked(path)
+            if latent is not None:
+                self.hits += 1
+                return latent
+        self.misses += 1
+        latent = encode_image(self.vae, s, flip)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"latent": latent}, str(tmp), metadata={"sha256": _tensor_sha(latent)})
+        tmp.replace(path)
+        return latent
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_checked(path: Path) -> torch.Tensor | None:
+    """The cached latent, or None when the file is unreadable or fails its checksum (it is then rebuilt)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            expected = (fh.metadata() or {}).get("sha256")
+        latent = load_file(str(path))["latent"]
+    except Exception:
+        return None
+    if expected is None or _tensor_sha(latent) != expected or not torch.isfinite(latent).all():
+        return None
+    return latent
+
+
+def vae_fingerprint(vae) -> str:
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    params = list(vae.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_image(vae, s: Sample, flip: bool) -> torch.Tensor:
+    """(4, h/8, w/8) mean latent of the image in its bucket, scaled by the VAE's factor; fp32 VAE."""
+    img = fit_to_bucket(open_rgb(s.item.path), s.bucket)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = to_tensor(img)[None].to(vae.device, dtype=vae.dtype)
+    latent = vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
+    latent = latent.float().cpu()
+    if not torch.isfinite(latent).all():
+        raise FloatingPointError(f"{s.item.key}: the VAE produced NaN/inf latents (an fp16 VAE overflow?)")
+    return latent

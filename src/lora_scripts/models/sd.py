@@ -1,0 +1,160 @@
+"""Stable Diffusion builders and loaders (SD1.x, SD2.x, SDXL), offline.
+
+Single-file checkpoints load through diffusers' `from_single_file` with a local config folder (the shipped
+one for the model type, or `model_config_dir`), so nothing is looked up on a hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_scripts.models.sd_configs import config_folder, write_config_folder
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+class SDLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class SDModel:
+    """The parts a training loop needs, plus the pipeline for sampling and export."""
+
+    pipe: object
+    model_type: str
+    prediction_type: str  # "epsilon" | "v_prediction"
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list:
+        return [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if te is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+
+
+def _pipeline_class(model_type: str):
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[model_type])
+
+
+def check_pickle_safe(path: Path) -> None:
+    """Refuse a .ckpt/.pt that needs arbitrary code to unpickle (weights_only=True fails on it)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise SDLoadError(
+            f"{path}: refused: this pickle checkpoint holds more than tensors and could run code when loaded "
+            f"({type(exc).__name__}). Use a .safetensors version of the model."
+        ) from None
+
+
+def load_sd(base_model: str, model_type: str, config_dir: Path | None = None,
+            v_parameterization: bool | None = None) -> SDModel:
+    """An SD pipeline (fp32, CPU) from a diffusers folder or a single-file checkpoint."""
+    path = Path(base_model)
+    cls = _pipeline_class(model_type)
+    try:
+        if path.is_dir():
+            pipe = cls.from_pretrained(path, local_files_only=True, safety_checker=None) if model_type != "sdxl" \
+                else cls.from_pretrained(path, local_files_only=True)
+        else:
+            if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+                check_pickle_safe(path)
+            cfg = Path(config_dir) if config_dir else config_folder(model_type)
+            kwargs = {"safety_checker": None} if model_type != "sdxl" else {}
+            pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True, **kwargs)
+    except SDLoadError:
+        raise
+    except Exception as exc:
+        raise SDLoadError(f"{base_model}: could not load it as {model_type}: {exc}") from None
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if v_parameterization is not None:
+        prediction = "v_prediction" if v_parameterization else "epsilon"
+    elif model_type == "sd2" and path.is_file():
+        prediction = "v_prediction"  # SD 2.x 768 checkpoints; set v_parameterization: false for the 512 base
+    return SDModel(pipe=pipe, model_type=model_type, prediction_type=prediction)
+
+
+def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cross_dim: int = 32):
+    """A small SD pipeline of the real architecture (random weights), for tests and benchmarks.
+
+    `width` scales the UNet/VAE channels; attention heads keep a real head size (8 channels per head at
+    width 32, like SD's 40-160 at full width) so attention behaves as in the real model.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    w = width
+    if model_type == "sdxl":
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(w, 2 * w), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * cross_dim,
+            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + cross_dim,
+            sample_size=32, norm_num_groups=min(32, w),
+        )
+    else:
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(w, 2 * w), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
+            attention_head_dim=8, sample_size=32, norm_num_groups=min(32, w),
+            use_linear_projection=model_type == "sd2",
+        )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(w, w, 2 * w, 2 * w), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=min(32, w), sample_size=64,
+        scaling_factor=0.13025 if model_type == "sdxl" else 0.18215,
+    )
+    te_cfg = dict(hidden_size=cross_dim, intermediate_size=2 * cross_dim, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=49408, max_position_embeddings=77, projection_dim=cross_dim)
+    from lora_scripts.models.sd_configs import CONFIGS, TOKENIZERS
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_config_folder({}, TOKENIZERS[model_type], Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer_2") if model_type == "sdxl" else None
+    scheduler_cfg = dict(CONFIGS[model_type]["scheduler/scheduler_config.json"])
+    sched_cls = getattr(diffusers, scheduler_cfg.pop("_class_name"))
+    scheduler = sched_cls.from_config(scheduler_cfg)
+    if model_type == "sdxl":
+        te1 = CLIPTextModel(CLIPTextConfig(**te_cfg))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg, "hidden_act": "gelu"}))
+        return diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
+                                                   tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    te = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+def save_config_folder_for(pipe, folder: Path) -> Path:
+    """A weightless config folder describing `pipe` (for from_single_file of a non-standard model)."""
+    pipe.save_config(folder)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(folder / name)
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name, None)
+        if te is not None:
+            te.config.save_pretrained(folder / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None:
+            tok.save_pretrained(folder / name)
+    return folder

@@ -1,0 +1,119 @@
+"""diffusers → original (CompVis/SGM) key layout, for single-file checkpoints the WebUIs load.
+
+diffusers reads original checkpoints but has no writer for them. The UNet map is derived from the
+block layout in the UNet's config, so it holds for SD1.x/2.x and SDXL and for scaled-down test models of
+the same shape; the same block names give kohya's SDXL LoRA keys (export/kohya.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def unet_prefix_map(config: dict) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for every block of a UNet2DConditionModel config."""
+    lpb = config["layers_per_block"]
+    down, up = config["down_block_types"], config["up_block_types"]
+    pairs = []
+    for i, kind in enumerate(down):
+        for j in range(lpb):
+            idx = (lpb + 1) * i + j + 1
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{idx}.0."))
+            if "CrossAttn" in kind:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{idx}.1."))
+        if i < len(down) - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(lpb + 1) * (i + 1)}.0.op."))
+    for i, kind in enumerate(up):
+        for j in range(lpb + 1):
+            idx = (lpb + 1) * i + j
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{idx}.0."))
+            if "CrossAttn" in kind:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{idx}.1."))
+        if i < len(up) - 1:
+            slot = 2 if "CrossAttn" in kind else 1
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(lpb + 1) * i + lpb}.{slot}."))
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    pairs += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
+    return pairs
+
+
+def unet_module_to_original(name: str, prefix_map: list[tuple[str, str]]) -> str:
+    """A diffusers UNet module path (no trailing parameter name) → its original-layout path."""
+    for hf, sd in UNET_TOP.items():
+        if name == hf or name.startswith(hf + "."):
+            return sd + name[len(hf):]
+    for hf, sd in prefix_map:
+        if (name + ".").startswith(hf):
+            rest = name[len(hf):]
+            if ".resnets." in hf:
+                head, _, tail = rest.partition(".")
+                rest = RESNET_PARTS.get(head, head) + ("." + tail if tail else "")
+            return (sd + rest).rstrip(".")
+    raise KeyError(f"no original-layout name for UNet module {name}")
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    pm = unet_prefix_map(config)
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        out["model.diffusion_model." + unet_module_to_original(module, pm) + "." + param] = value
+    return out
+
+
+def vae_to_original(state: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
+    pairs = [("encoder.mid_block.attentions.0.", "encoder.mid.attn_1."),
+             ("decoder.mid_block.attentions.0.", "decoder.mid.attn_1.")]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.mid_block.resnets.{i}.", f"{part}.mid.block_{i + 1}.") for i in range(2)]
+    for i in range(n_blocks):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(2)]
+        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n_blocks - 1 - i}.block.{j}.") for j in range(3)]
+        if i < n_blocks - 1:
+            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n_blocks - 1 - i}.upsample."))
+    inner = {"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out", "group_norm": "norm", "to_q": "q",
+             "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key
+        for hf, sd in pairs:
+            if new.startswith(hf):
+                new = sd + new[len(hf):]
+                break
+        for hf, sd in inner.items():
+            new = new.replace(f".{hf}.", f".{sd}.") if f".{hf}." in new else new
+        if ".attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # original VAE attention uses 1x1 convs
+        out["first_stage_model." + new] = value
+    return out
+
+
+def clip_l_to_original(state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer.") -> dict:
+    """transformers' CLIPTextModel (no `text_model.` level in v5) → `cond_stage_model.transformer.text_model.*`."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        out[f"{prefix}text_model.{key}"] = value
+    return out
+
+
+def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
+    """An SD1.x pipeline as one original-layout state dict (what `v1-5-pruned.safetensors` holds)."""
+    state = unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
+    state.update(vae_to_original(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    te = {k: v for k, v in pipe.text_encoder.state_dict().items() if "position_ids" not in k}
+    state.update(clip_l_to_original(te))
+    return {k: v.contiguous() for k, v in state.items()}
