@@ -119,3 +119,35 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    """A tiny SD1.5-architecture model saved as an original-layout single file + its config folder."""
+    from safetensors.torch import save_file
+
+    from lora_scripts.models.sd import build_tiny_sd, save_config_folder_for
+    from lora_scripts.models.sd_convert import pipeline_to_original
+
+    d = tmp_path_factory.mktemp("tiny_sd15")
+    pipe = build_tiny_sd("sd15")
+    save_file(pipeline_to_original(pipe), d / "tiny-sd15.safetensors")
+    save_config_folder_for(pipe, d / "config")
+    return d / "tiny-sd15.safetensors", d / "config"
+
+
+@pytest.fixture
+def style_images(tmp_path):
+    """Six small images of mixed aspect ratios with a metadata.csv."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path / "cyberpunk_night"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["filename,prompt"]
+    for i, (w, h) in enumerate([(128, 128), (192, 128), (128, 192), (160, 160), (256, 128), (128, 128)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+        rows.append(f'img{i}.png,"neon city, rain, night, view {i}"')
+    (d / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return d

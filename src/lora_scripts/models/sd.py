@@ -122,9 +122,9 @@ def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cros
     )
     te_cfg = dict(hidden_size=cross_dim, intermediate_size=2 * cross_dim, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=49408, max_position_embeddings=77, projection_dim=cross_dim)
-    from lora_scripts.models.sd_configs import CONFIGS, TOKENIZERS
-
     import tempfile
+
+    from lora_scripts.models.sd_configs import CONFIGS, TOKENIZERS
 
     with tempfile.TemporaryDirectory() as tmp:
         write_config_folder({}, TOKENIZERS[model_type], Path(tmp))

@@ -31,6 +31,10 @@ class ResumeError(RuntimeError):
     pass
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -276,3 +280,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     load_rng_state(path)
     state = json.loads((path / "state.json").read_text())
     return Position(step=state["step"], epoch=state["epoch"], group=state["group"])
+
+
+def nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str:
+    ckpts = list_checkpoints(out_dir)
+    last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    causes = []
+    if cfg.mixed_precision == "fp16":
+        causes.append("fp16 overflow (try mixed_precision: bf16 or no)")
+    causes.append(f"a learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it)")
+    return (f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. "
+            f"{last.capitalize()} (resume with resume_from: latest).")

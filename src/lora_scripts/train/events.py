@@ -54,7 +54,8 @@ class Events:
         if not self.is_main:
             return event
         assert self._jsonl is not None
-        self._jsonl.write(json.dumps(event, default=str) + "\n")
+        # arrays (sample images) go to TensorBoard, not into the JSON log
+        self._jsonl.write(json.dumps({k: v for k, v in event.items() if not hasattr(v, "shape")}, default=str) + "\n")
         self._jsonl.flush()
         step = data.get("step", 0)
         if self._tb is not None:

@@ -23,10 +23,12 @@ from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models.llm import context_length, load_llm, lora_config_for
 from lora_scripts.train.common import (
     Position,
+    TrainingStopped,
     build_optimizer,
     build_scheduler,
     find_resume_checkpoint,
     load_checkpoint,
+    nan_message,
     plan_steps,
     save_checkpoint,
     seed_everything,
@@ -35,10 +37,6 @@ from lora_scripts.train.events import Events, plot_loss_curve
 
 # peft still calls a transformers property that warns on every model load; it is not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
 
 
 @dataclass
@@ -225,7 +223,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                     group_loss += loss.detach() / len(group)
                 loss_value = float(accelerator.reduce(group_loss, reduction="mean"))
                 if not math.isfinite(loss_value):
-                    raise TrainingStopped(_nan_message(pos.step + 1, loss_value, cfg, out_dir))
+                    raise TrainingStopped(nan_message(pos.step + 1, loss_value, cfg, out_dir))
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -281,16 +279,3 @@ def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, ac
         lines.append(f"### {r.prompt}\n{r.text}\n{'' if r.stopped else '[did not stop within max_new_tokens]'}\n")
     with open(out_dir / "samples.md", "a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
-
-
-def _nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str:
-    from lora_scripts.train.common import list_checkpoints
-
-    ckpts = list_checkpoints(out_dir)
-    last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-    causes = []
-    if cfg.mixed_precision == "fp16":
-        causes.append("fp16 overflow (try mixed_precision: bf16 or no)")
-    causes.append(f"a learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it)")
-    return (f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. "
-            f"{last.capitalize()} (resume with resume_from: latest).")

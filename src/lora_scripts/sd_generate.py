@@ -1,0 +1,73 @@
+"""Stable Diffusion sampling: prompts → images, LoRAs at chosen strengths, the WebUI `<lora:name:w>` syntax."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Strip `<lora:name:0.8>` tags from a prompt; returns the clean prompt and (name, weight) pairs."""
+    tags = [(m.group(1), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(prompt)]
+    clean = " ".join(LORA_TAG.sub("", prompt).split()).strip(" ,")
+    return clean, tags
+
+
+def resolve_lora_name(name: str, lora_dir: Path) -> Path:
+    """`name` → `<lora_dir>/<name>.safetensors`, or a file whose ss_output_name is `name`."""
+    direct = Path(lora_dir) / f"{name}.safetensors"
+    if direct.exists():
+        return direct
+    from safetensors import safe_open
+
+    for f in sorted(Path(lora_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            if (fh.metadata() or {}).get("ss_output_name") == name:
+                return f
+    raise FileNotFoundError(f"<lora:{name}>: no {name}.safetensors (or file with ss_output_name={name}) in {lora_dir}")
+
+
+def apply_loras(pipe, loras: list[tuple[Path, float]]) -> None:
+    """Load each LoRA file as its own adapter and activate them at their strengths."""
+    names, weights = [], []
+    for i, (path, weight) in enumerate(loras):
+        name = f"lora{i}"
+        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
+        names.append(name)
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+
+
+@torch.no_grad()
+def render(model, prompts: list[str], negative: str = "", steps: int = 20, guidance: float = 7.0, seed: int = 0,
+           size: tuple[int, int] = (512, 512)) -> list[Image.Image]:
+    """One image per prompt, each from the same seed so samples over training are comparable."""
+    pipe = model.pipe if hasattr(model, "pipe") else model
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in prompts:
+        gen = torch.Generator().manual_seed(seed)
+        out = pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gen, width=size[0], height=size[1], output_type="pil")
+        images.append(out.images[0])
+    return images
+
+
+def image_grid(images: list[Image.Image], captions: list[str] | None = None) -> Image.Image:
+    """Images side by side with their prompt (shortened) underneath."""
+    w, h = images[0].size
+    label = 14 if captions else 0
+    grid = Image.new("RGB", (w * len(images), h + label), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        grid.paste(img, (i * w, 0))
+        if captions:
+            text = captions[i] if len(captions[i]) * 6 < w else captions[i][: max(1, w // 6 - 1)] + "…"
+            draw.text((i * w + 2, h + 1), text, fill=(0, 0, 0))
+    return grid

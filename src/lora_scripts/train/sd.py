@@ -1,0 +1,336 @@
+"""LoRA training for Stable Diffusion (SD1.x, SD2.x, SDXL): one plain loop.
+
+Per step: cached latents (or a fresh VAE encode) → noise at a random timestep → UNet prediction → MSE
+against the noise (or v) target, optionally min-SNR weighted. All randomness of a step (noise, timesteps,
+flips, caption shuffles) comes from a generator seeded by (seed, step), so a resumed run repeats the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data import sd_data
+from lora_scripts.data.images import load_captioned_images
+from lora_scripts.export.kohya import DTYPES, kohya_state_dict, tag_frequency, training_metadata, write_kohya
+from lora_scripts.models.embedded import cache_root
+from lora_scripts.models.sd import SDModel, load_sd
+from lora_scripts.train.common import (
+    Position,
+    TrainingStopped,
+    build_optimizer,
+    build_scheduler,
+    find_resume_checkpoint,
+    load_checkpoint,
+    nan_message,
+    plan_steps,
+    save_checkpoint,
+    seed_everything,
+)
+from lora_scripts.train.events import Events, plot_loss_curve
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_CONV = ["conv1", "conv2", "proj_in", "proj_out"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class SDTrainResult:
+    output_dir: Path
+    lora_file: Path
+    diffusers_file: Path
+    steps: int
+    final_loss: float | None
+    events: list[dict] = field(default_factory=list)
+    model: SDModel | None = None
+
+
+def lora_config(cfg: TrainConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      init_lora_weights="gaussian", use_dora=cfg.lora_type == "dora",
+                      use_rslora=cfg.lora_type == "rslora")
+
+
+def add_text_encoder_adapter(te, config) -> None:
+    """peft LoRA layers in a transformers text encoder.
+
+    transformers' own `add_adapter` demands peft >= 0.22, which the registry does not have yet; peft's
+    injector does the same work. `peft_config` is recorded the way transformers does, so diffusers' and
+    peft's state-dict helpers find the adapter.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, te, adapter_name="default")
+    te.peft_config = {"default": config}
+    te._hf_peft_config_loaded = True
+
+
+def encode_prompts(model: SDModel, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77, D) encoder hidden states and, for SDXL, the (B, D2) pooled embedding."""
+    device = model.unet.device
+    ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(device) for tok in model.tokenizers]
+    if model.model_type != "sdxl":
+        return model.text_encoders[0](ids[0])[0], None
+    hidden, pooled = [], None
+    for te, tok_ids in zip(model.text_encoders, ids):
+        out = te(tok_ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
+        pooled = getattr(out, "text_embeds", None)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(samples: list[sd_data.Sample]) -> torch.Tensor:
+    """(B, 6): original size, crop top-left and target size, as SDXL was conditioned."""
+    rows = []
+    for s in samples:
+        w, h = s.bucket
+        rows.append([h, w, 0, 0, h, w])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
+
+
+def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainResult:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import DDPMScheduler
+
+    AcceleratorState._reset_state()  # see train/llm.py: each call chooses its own precision
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    out_dir = Path(cfg.output_dir)
+    events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
+    try:
+        seed_everything(cfg.seed)
+        model_type = cfg.model_type or "sd15"
+
+        # ---- data -----------------------------------------------------------------------------------
+        items = load_captioned_images(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word)
+        samples, table = sd_data.build_samples(items, cfg.resolution)
+        folder_repeats = any(it.repeats > 1 for it in items)
+        flat_repeats = cfg.repeats or (1 if folder_repeats else sd_data.auto_repeats(items))
+        repeats = [cfg.repeats or (it.repeats if folder_repeats else flat_repeats) for it in items]
+        events.emit("info", message="buckets (width x height: images): "
+                    + ", ".join(f"{w}x{h}: {n}" for (w, h), n in table.items()))
+        if not folder_repeats:
+            events.emit("info", message=f"{len(items)} images x {flat_repeats} repeats = {sum(repeats)} views per epoch")
+
+        # ---- model and adapters ------------------------------------------------------------------------
+        model = load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization)
+        unet, vae = model.unet, model.vae
+        for part in [unet, vae, *model.text_encoders]:
+            part.requires_grad_(False)
+        vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow to NaN; encoding is cached anyway
+        targets = cfg.target_modules if isinstance(cfg.target_modules, list) else UNET_ATTENTION
+        unet.add_adapter(lora_config(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
+        train_te = cfg.text_encoder_lr is not None
+        if train_te:
+            for te in model.text_encoders:
+                add_text_encoder_adapter(te, lora_config(cfg, TE_TARGETS))
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet_params = [p for p in unet.parameters() if p.requires_grad]
+        te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
+        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
+        trainables = unet_params + te_params
+
+        plan = plan_steps(sum(repeats), cfg, accelerator.num_processes)
+        total_steps = plan.total_steps
+        optimizer = build_optimizer(cfg, groups)
+        lr_sched = build_scheduler(cfg, optimizer, total_steps)
+        noise_sched = DDPMScheduler.from_config(model.pipe.scheduler.config, prediction_type=model.prediction_type)
+        unet.to(accelerator.device)
+        for te in model.text_encoders:
+            te.to(accelerator.device)
+
+        # one module holding every trainable part, so a checkpoint stores them under stable names
+        holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
+        pos = Position()
+        if cfg.resume_from:
+            ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
+            if ckpt is not None:
+                pos = load_checkpoint(ckpt, holder, optimizer, lr_sched)
+                events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
+
+        # ---- caches ----------------------------------------------------------------------------------------
+        cache = sd_data.LatentCache(cache_root() / "latents", vae) if cfg.cache_latents else None
+        augment = cfg.shuffle_caption or cfg.caption_dropout_rate > 0
+        text_cache: dict[str, tuple] = {}
+        if cache is not None:
+            t0 = time.perf_counter()
+            for s in samples:
+                for flip in ([False, True] if cfg.flip_aug else [False]):
+                    cache.get(s, flip)
+            events.emit("info", message=f"latent cache: {cache.hits} reused, {cache.misses} encoded "
+                        f"in {time.perf_counter() - t0:.1f}s")
+
+        def conditioning(captions: list[str]):
+            if train_te or augment:
+                return encode_prompts(model, captions)
+            missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+            if missing:
+                with torch.no_grad():
+                    hidden, pooled = encode_prompts(model, missing)
+                for i, c in enumerate(missing):
+                    text_cache[c] = (hidden[i], None if pooled is None else pooled[i])
+            hidden = torch.stack([text_cache[c][0] for c in captions])
+            pooled = None if model.model_type != "sdxl" else torch.stack([text_cache[c][1] for c in captions])
+            return hidden, pooled
+
+        n_images = len(items)
+        events.emit("start", step=pos.step, total_steps=total_steps, epochs=plan.epochs,
+                    steps_per_epoch=plan.steps_per_epoch, images=n_images, views_per_epoch=sum(repeats),
+                    buckets={f"{w}x{h}": n for (w, h), n in table.items()},
+                    trainable_params=sum(p.numel() for p in trainables), model_type=model_type,
+                    prediction_type=model.prediction_type, processes=accelerator.num_processes)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        dtype = DTYPES[cfg.save_precision]
+        metadata = training_metadata(
+            cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
+            n_images, total_steps, plan.epochs, train_te, cfg.lora_rank)
+
+        def export(folder: Path) -> tuple[Path, Path]:
+            kohya = write_kohya(folder / f"{cfg.name}.safetensors",
+                                kohya_state_dict(unet, model.text_encoders if train_te else [], model_type, dtype),
+                                metadata)
+            from lora_scripts.export.diffusers_lora import write_diffusers_lora
+
+            return kohya, write_diffusers_lora(folder, model, train_te, dtype)
+
+        def checkpoint() -> None:
+            if accelerator.is_main_process:
+                path = save_checkpoint(out_dir, pos, holder, optimizer, lr_sched, cfg, export, keep=cfg.save_total_limit)
+                events.emit("checkpoint", step=pos.step, path=str(path))
+
+        # ---- the loop --------------------------------------------------------------------------------------
+        events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
+        unet.train()
+        last_loss = None
+        tick = time.perf_counter()
+        while pos.step < total_steps:
+            batches = sd_data.epoch_batches(samples, repeats, cfg.batch_size, cfg.seed, pos.epoch)
+            mine = batches[accelerator.process_index :: accelerator.num_processes][: plan.batches_per_rank]
+            acc = cfg.gradient_accumulation_steps
+            step_groups = [mine[i : i + acc] for i in range(0, len(mine), acc)]
+            for group in step_groups[pos.group :]:
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos.step)
+                rng = random.Random(cfg.seed * 1_000_003 + pos.step)
+                group_loss, views = 0.0, 0
+                for indices in group:
+                    batch = [samples[i] for i in indices]
+                    flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
+                    if cache is not None:
+                        latents = torch.stack([cache.get(s, f) for s, f in zip(batch, flips)])
+                    else:
+                        latents = torch.stack([sd_data.encode_image(vae, s, f) for s, f in zip(batch, flips)])
+                    latents = latents.to(accelerator.device)
+                    captions = [sd_data.augment_caption(s.item.caption or "", rng, cfg.shuffle_caption, cfg.keep_tokens
+                                                        + (1 if cfg.trigger_word else 0), cfg.caption_dropout_rate)
+                                for s in batch]
+                    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+                    if cfg.noise_offset:
+                        noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(latents.device)
+                    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
+                    t = t.to(latents.device)
+                    noisy = noise_sched.add_noise(latents, noise, t)
+                    target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+                    with accelerator.autocast():
+                        hidden, pooled = conditioning(captions)
+                        extra = {}
+                        if model.model_type == "sdxl":
+                            extra = {"added_cond_kwargs": {"text_embeds": pooled,
+                                                           "time_ids": sdxl_time_ids(batch).to(latents.device)}}
+                        pred = unet(noisy, t, hidden, **extra).sample
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if cfg.min_snr_gamma:
+                        loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
+                    loss = loss.mean()
+                    accelerator.backward(loss / len(group))
+                    group_loss += float(loss) / len(group)
+                    views += len(batch)
+                if not math.isfinite(group_loss):
+                    raise TrainingStopped(nan_message(pos.step + 1, group_loss, cfg, out_dir))
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainables, cfg.max_grad_norm))
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                pos.group += 1
+                last_loss = group_loss
+                elapsed = time.perf_counter() - tick
+                events.emit("step", step=pos.step, epoch=pos.epoch, loss=group_loss, lr=lr_sched.get_last_lr()[0],
+                            grad_norm=grad_norm, images_per_s=views / max(elapsed, 1e-9))
+                tick = time.perf_counter()
+                if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
+                    checkpoint()
+                if pos.step >= total_steps:
+                    break
+            if pos.group >= len(step_groups):
+                every = cfg.sample_every_n_epochs
+                if every and (pos.epoch + 1) % every == 0 and pos.step < total_steps:
+                    write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
+                pos.epoch += 1
+                pos.group = 0
+                tick = time.perf_counter()
+
+        # ---- export ------------------------------------------------------------------------------------------
+        checkpoint()
+        lora_file, diffusers_file = out_dir / f"{cfg.name}.safetensors", out_dir / "pytorch_lora_weights.safetensors"
+        if accelerator.is_main_process:
+            export(out_dir)
+            write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
+            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
+            events.emit("end", step=pos.step, final_loss=last_loss, lora=str(lora_file))
+        return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model)
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    finally:
+        events.close()
+
+
+@torch.no_grad()
+def write_sample_grid(model: SDModel, cfg: TrainConfig, pos: Position, events: Events, out_dir: Path,
+                      accelerator) -> Path | None:
+    """The sample prompts rendered with a fixed seed, side by side, as samples/step_XXXXXX.png."""
+    if not cfg.sample_prompts or not accelerator.is_main_process:
+        return None
+    from lora_scripts.sd_generate import image_grid, render
+
+    was_training = model.unet.training
+    model.unet.eval()
+    images = render(model, cfg.sample_prompts, negative=cfg.sample_negative_prompt, steps=cfg.sample_steps,
+                    guidance=cfg.sample_guidance, seed=cfg.seed, size=(cfg.resolution, cfg.resolution))
+    model.unet.train(was_training)
+    grid = image_grid(images, cfg.sample_prompts)
+    folder = out_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{pos.step:06d}.png"
+    grid.save(path)
+    import numpy as np
+
+    events.emit("image", step=pos.step, tag="samples", image=np.asarray(grid), path=str(path))
+    events.emit("info", message=f"samples written to {path}")
+    return path
