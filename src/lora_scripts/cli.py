@@ -56,13 +56,23 @@ def cmd_train(args) -> int:
         print(report.render(), file=sys.stderr)
     if not report.ok:
         return _fail("preflight found problems; nothing was trained")
-    if report.model_type != "llm":
-        return _fail(f"training {report.model_type} models is not available yet in this version "
-                     "(Stable Diffusion training is being built); LLM training works")
-    from lora_scripts.train.llm import TrainingStopped, train_llm
+    from lora_scripts.train.common import TrainingStopped
 
+    cfg = cfg.model_copy(update={"model_type": report.model_type})
     try:
-        result = train_llm(cfg.model_copy(update={"model_type": "llm"}), progress=not args.no_progress)
+        if report.model_type == "llm":
+            from lora_scripts.train.llm import train_llm
+
+            result = train_llm(cfg, progress=not args.no_progress)
+            where = f"adapter in {result.adapter_dir}"
+        else:
+            if args.num_processes > 1:
+                return _fail("multi-process training is available for LLMs; train Stable Diffusion on one process")
+            from lora_scripts.train.sd import train_sd
+
+            result = train_sd(cfg, progress=not args.no_progress)
+            where = (f"LoRA in {result.lora_file} (WebUI/ComfyUI: <lora:{cfg.name}:0.8>) and "
+                     f"{result.diffusers_file} (diffusers)")
     except TrainingStopped as exc:
         return _fail(str(exc), EXIT_STOPPED)
     except KeyboardInterrupt:
@@ -71,7 +81,7 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted. Continue from the last checkpoint with:\n  {resume}", file=sys.stderr)
         return 130
     if is_main:
-        print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; loss curve in "
+        print(f"done: {result.steps} steps; {where}; loss curve in "
               f"{result.output_dir / 'loss_curve.png'}; TensorBoard: tensorboard --logdir {cfg.log_dir}")
     return 0
 
@@ -124,14 +134,52 @@ def cmd_validate(args) -> int:
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model: smollm2-135m-instruct, a folder or a .gguf")
-    p.add_argument("--lora", action="append", default=[], metavar="DIR[:WEIGHT]",
-                   help="a PEFT adapter folder and its strength (default 1.0); repeat to mix adapters")
+    p.add_argument("--base", required=True,
+                   help="base model: an LLM (smollm2-135m-instruct, a folder, a .gguf) or an SD checkpoint/folder")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a PEFT adapter folder (LLM) or a LoRA .safetensors (SD) and its strength (default 1.0); "
+                        "repeat to mix")
     p.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
+    sd = p.add_argument_group("Stable Diffusion")
+    sd.add_argument("--negative", default="", help="negative prompt")
+    sd.add_argument("--steps", type=int, default=25)
+    sd.add_argument("--guidance", type=float, default=7.0)
+    sd.add_argument("--width", type=int, default=None)
+    sd.add_argument("--height", type=int, default=None)
+    sd.add_argument("--lora-dir", default=".", help="where <lora:name:w> tags in a prompt are looked up")
+    sd.add_argument("--out", default="generated", help="folder for the PNG files")
+    sd.add_argument("--model-config-dir", default=None, help="diffusers config folder for a non-standard checkpoint")
+
+
+def cmd_generate_sd(args, prompts: list[str], model_type: str) -> int:
+    from lora_scripts.export.peft import split_weight
+    from lora_scripts.models.sd import load_sd
+    from lora_scripts.sd_generate import apply_loras, parse_lora_tags, render, resolve_lora_name
+
+    model = load_sd(args.base, model_type, Path(args.model_config_dir) if args.model_config_dir else None)
+    native = model.pipe.unet.config.sample_size * 8
+    size = (args.width or native, args.height or native)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, raw in enumerate(prompts):
+        prompt, tags = parse_lora_tags(raw)
+        loras = [(Path(p), w) for p, w in (split_weight(s) for s in args.lora)]
+        try:
+            loras += [(resolve_lora_name(name, Path(args.lora_dir)), w) for name, w in tags]
+        except FileNotFoundError as exc:
+            return _fail(str(exc))
+        model.pipe.unload_lora_weights()
+        apply_loras(model.pipe, loras)
+        [image] = render(model, [prompt], negative=args.negative, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed + i, size=size)
+        path = out / f"{i:03d}_seed{args.seed + i}.png"
+        image.save(path)
+        print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -141,6 +189,16 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    from lora_scripts.models.detect import ModelTypeError, detect_model_type
+
+    try:
+        model_type = detect_model_type(args.base)
+    except ModelTypeError as exc:
+        return _fail(str(exc))
+    if model_type != "llm":
+        if not prompts:
+            return _fail("give --prompt or --prompts-file for image generation")
+        return cmd_generate_sd(args, prompts, model_type)
     try:
         model, tokenizer = load_with_adapters(args.base, args.lora)
     except (LoraSpecError, FileNotFoundError, OSError) as exc:
@@ -269,7 +327,7 @@ def not_yet(what: str, issue: str) -> Callable:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a LoRA from a YAML config", add_train, cmd_train),
     "validate": ("check a config and its data without training", add_validate, cmd_validate),
-    "generate": ("answer prompts with a base LLM plus LoRA adapters", add_generate, cmd_generate),
+    "generate": ("generate with a base model plus LoRAs: LLM replies or SD images", add_generate, cmd_generate),
     "export": ("write a merged model (base + adapter)", add_export, cmd_export),
     "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
     "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),

@@ -12,16 +12,17 @@ class LoraSpecError(ValueError):
     pass
 
 
+def split_weight(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH:WEIGHT` (the weight after the last colon, when it parses as a number)."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        return (head, float(tail)) if sep else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`DIR` or `DIR:WEIGHT` (the weight after the last colon, when it parses as a number)."""
-    path, weight = spec, 1.0
-    if ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        try:
-            weight = float(tail)
-            path = head
-        except ValueError:
-            pass
+    path, weight = split_weight(spec)
     folder = Path(path)
     if not (folder / "adapter_config.json").exists():
         raise LoraSpecError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")

@@ -1,0 +1,109 @@
+"""The image workflow as the description walks it: YAML → train.py → <lora:cyberpunk_night:0.8>."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_scripts.cli import main
+from lora_scripts.sd_generate import parse_lora_tags
+
+
+def test_train_then_generate_with_webui_lora_syntax(tiny_sd15, style_images, tmp_path, capsys):
+    ckpt, cfg_dir = tiny_sd15
+    out = tmp_path / "output" / "cyberpunk_night"
+    cfg = tmp_path / "cyberpunk.yaml"
+    cfg.write_text(f"""\
+train_data_dir: "{style_images}"
+metadata_path: "{style_images / 'metadata.csv'}"
+base_model: "{ckpt}"
+model_config_dir: "{cfg_dir}"
+lora_rank: 4
+lora_alpha: 8
+batch_size: 2
+epochs: 1
+learning_rate: 1e-4
+optimizer: "AdamW"
+scheduler: "cosine"
+output_dir: "{out}"
+save_steps: 100
+logging_dir: "{out / 'logs'}"
+resolution: 128
+repeats: 2
+trigger_word: cybr_night
+""")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    text = capsys.readouterr()
+    assert "<lora:cyberpunk_night:0.8>" in text.out
+    assert "preflight: 0 error(s)" in text.err
+    lora = out / "cyberpunk_night.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        md = fh.metadata()
+    assert md["ss_output_name"] == "cyberpunk_night" and '"cybr_night": 6' in md["ss_tag_frequency"]
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+
+    code = main(["generate", "--base", str(ckpt), "--model-config-dir", str(cfg_dir), "--lora-dir", str(out),
+                 "--prompt", "<lora:cyberpunk_night:0.8>, futuristic cityscape, neon lights", "--steps", "2",
+                 "--width", "64", "--height", "64", "--out", str(tmp_path / "gen")])
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("futuristic cityscape, neon lights <cyberpunk_night.safetensors:0.8>")
+    assert (tmp_path / "gen" / "000_seed0.png").exists()
+    code = main(["generate", "--base", str(ckpt), "--model-config-dir", str(cfg_dir), "--lora-dir", str(out),
+                 "--prompt", "<lora:missing_style:1>, x", "--steps", "1", "--out", str(tmp_path / "gen")])
+    assert code == 2 and "no missing_style.safetensors" in capsys.readouterr().err
+
+
+def test_lora_tag_parsing():
+    assert parse_lora_tags("<lora:cyberpunk_night:0.8>, futuristic city") == (
+        "futuristic city", [("cyberpunk_night", 0.8)])
+    assert parse_lora_tags("a <lora:a> b <lora:b:-0.5>") == ("a b", [("a", 1.0), ("b", -0.5)])
+
+
+def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
+    from lora_scripts.config import load_config
+    from lora_scripts.models.sd import build_tiny_sd, load_sd
+    from lora_scripts.train.sd import train_sd
+
+    build_tiny_sd("sdxl").save_pretrained(tmp_path / "tiny-sdxl")
+    cfg = load_config(None, [f"base_model={tmp_path / 'tiny-sdxl'}", f"train_data_dir={style_images}",
+                             f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
+                             "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-4", "save_precision=fp32",
+                             "sample_every_n_epochs=null", "model_type=sdxl"])
+    result = train_sd(cfg, progress=False)
+    with safe_open(str(result.lora_file), "pt") as fh:
+        keys, md = set(fh.keys()), fh.metadata()
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_") for k in keys)
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    def unet_out(pipe):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 16, 16, generator=g)
+        hidden = torch.randn(1, 77, 64, generator=g)
+        cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+        with torch.no_grad():
+            return pipe.unet(x, torch.tensor([400]), hidden, added_cond_kwargs=cond).sample
+
+    expected = unet_out(result.model.pipe)
+    for file in [result.lora_file, result.diffusers_file]:
+        pipe = load_sd(str(tmp_path / "tiny-sdxl"), "sdxl").pipe
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+        assert float((unet_out(pipe) - expected).abs().max()) <= 1e-5, file.name
+
+
+@pytest.mark.parametrize("bad", ["pickle"])
+def test_unsafe_ckpt_is_refused(tmp_path, bad):
+    import pickle
+
+    from lora_scripts.models.sd import SDLoadError, load_sd
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run code",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh)
+    with pytest.raises(SDLoadError, match="could run code when loaded.*safetensors"):
+        load_sd(str(path), "sd15")
