@@ -60,15 +60,21 @@ def test_lora_tag_parsing():
 
 
 def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
+    from safetensors.torch import save_file
+
     from lora_scripts.config import load_config
-    from lora_scripts.models.sd import build_tiny_sd, load_sd
+    from lora_scripts.models.sd import build_tiny_sd, load_sd, save_config_folder_for
+    from lora_scripts.models.sd_convert import pipeline_to_original
     from lora_scripts.train.sd import train_sd
 
-    build_tiny_sd("sdxl").save_pretrained(tmp_path / "tiny-sdxl")
-    cfg = load_config(None, [f"base_model={tmp_path / 'tiny-sdxl'}", f"train_data_dir={style_images}",
+    pipe = build_tiny_sd("sdxl")  # saved as an original-layout single file, like sd_xl_base_1.0.safetensors
+    ckpt, cfg_dir = tmp_path / "tiny-sdxl.safetensors", tmp_path / "tiny-sdxl-config"
+    save_file(pipeline_to_original(pipe), ckpt)
+    save_config_folder_for(pipe, cfg_dir)
+    cfg = load_config(None, [f"base_model={ckpt}", f"model_config_dir={cfg_dir}", f"train_data_dir={style_images}",
                              f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
                              "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-4", "save_precision=fp32",
-                             "sample_every_n_epochs=null", "model_type=sdxl"])
+                             "sample_every_n_epochs=null"])
     result = train_sd(cfg, progress=False)
     with safe_open(str(result.lora_file), "pt") as fh:
         keys, md = set(fh.keys()), fh.metadata()
@@ -80,14 +86,14 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
     def unet_out(pipe):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 4, 16, 16, generator=g)
-        hidden = torch.randn(1, 77, 64, generator=g)
-        cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+        hidden = torch.randn(1, 77, 32 + 48, generator=g)  # both encoders' widths
+        cond = {"text_embeds": torch.randn(1, 48, generator=g), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
         with torch.no_grad():
             return pipe.unet(x, torch.tensor([400]), hidden, added_cond_kwargs=cond).sample
 
     expected = unet_out(result.model.pipe)
     for file in [result.lora_file, result.diffusers_file]:
-        pipe = load_sd(str(tmp_path / "tiny-sdxl"), "sdxl").pipe
+        pipe = load_sd(str(ckpt), "sdxl", cfg_dir).pipe
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         assert float((unet_out(pipe) - expected).abs().max()) <= 1e-5, file.name
 

@@ -13,6 +13,9 @@ import torch
 
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
 
+# SDXL's second text encoder must be wider than the first even in a tiny model: diffusers tells the two
+# apart in a single-file checkpoint by their embedding widths (768 vs 1280 in the real one).
+XL_TE2_EXTRA = 16
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
@@ -103,9 +106,10 @@ def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cros
     if model_type == "sdxl":
         unet = diffusers.UNet2DConditionModel(
             block_out_channels=(w, 2 * w), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * cross_dim,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim + XL_TE2_EXTRA + cross_dim,
             attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + cross_dim,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + cross_dim + XL_TE2_EXTRA,
             sample_size=32, norm_num_groups=min(32, w),
         )
     else:
@@ -135,7 +139,9 @@ def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cros
     scheduler = sched_cls.from_config(scheduler_cfg)
     if model_type == "sdxl":
         te1 = CLIPTextModel(CLIPTextConfig(**te_cfg))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg, "hidden_act": "gelu"}))
+        wide = cross_dim + XL_TE2_EXTRA
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg, "hidden_size": wide, "intermediate_size": 2 * wide,
+                                                            "projection_dim": wide, "hidden_act": "gelu"}))
         return diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
                                                    tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     te = CLIPTextModel(CLIPTextConfig(**te_cfg))

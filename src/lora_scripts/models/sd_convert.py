@@ -110,10 +110,42 @@ def clip_l_to_original(state: dict[str, torch.Tensor], prefix: str = "cond_stage
     return out
 
 
+def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection → OpenCLIP layout (SDXL's second text encoder).
+
+    OpenCLIP fuses q/k/v into one `in_proj` and multiplies by `text_projection` (so it is the transpose
+    of the transformers Linear weight).
+    """
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
+    out = {
+        f"{prefix}token_embedding.weight": state["embeddings.token_embedding.weight"],
+        f"{prefix}positional_embedding": state["embeddings.position_embedding.weight"],
+        f"{prefix}ln_final.weight": state["final_layer_norm.weight"],
+        f"{prefix}ln_final.bias": state["final_layer_norm.bias"],
+        f"{prefix}text_projection": state["text_projection.weight"].T,
+    }
+    n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(n_layers):
+        hf, oc = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{p}"] = torch.cat([state[f"{hf}self_attn.{q}_proj.{p}"] for q in "qkv"])
+            for a, b in parts.items():
+                out[f"{oc}{b}.{p}"] = state[f"{hf}{a}.{p}"]
+    return out
+
+
 def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
-    """An SD1.x pipeline as one original-layout state dict (what `v1-5-pruned.safetensors` holds)."""
+    """An SD1.x or SDXL pipeline as one original-layout state dict (what `v1-5-pruned.safetensors` or
+    `sd_xl_base_1.0.safetensors` holds)."""
     state = unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
     state.update(vae_to_original(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     te = {k: v for k, v in pipe.text_encoder.state_dict().items() if "position_ids" not in k}
-    state.update(clip_l_to_original(te))
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if te2 is None:
+        state.update(clip_l_to_original(te))
+    else:
+        state.update(clip_l_to_original(te, "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_original(te2.state_dict(), "conditioner.embedders.1.model."))
     return {k: v.contiguous() for k, v in state.items()}

@@ -21,6 +21,7 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
 from lora_scripts.data.images import load_captioned_images
 from lora_scripts.export.kohya import DTYPES, kohya_state_dict, tag_frequency, training_metadata, write_kohya
+from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import SDModel, load_sd
 from lora_scripts.train.common import (
@@ -117,7 +118,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
     events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
     try:
         seed_everything(cfg.seed)
-        model_type = cfg.model_type or "sd15"
+        model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
         # ---- data -----------------------------------------------------------------------------------
         items = load_captioned_images(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word)
