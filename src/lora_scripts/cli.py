@@ -14,6 +14,16 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from lora_scripts.data.images import CaptionFileError
+    from lora_scripts.data.text import DataError
+    from lora_scripts.models.llm import ModelLoadError
+    from lora_scripts.models.sd import SDLoadError
+    from lora_scripts.train.common import ResumeError
+
+    return (CaptionFileError, DataError, ModelLoadError, SDLoadError, ResumeError, FileNotFoundError)
+
+
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
@@ -58,6 +68,7 @@ def cmd_train(args) -> int:
         return _fail("preflight found problems; nothing was trained")
     from lora_scripts.train.common import TrainingStopped
 
+    USER_ERRORS = _user_errors()
     cfg = cfg.model_copy(update={"model_type": report.model_type})
     try:
         if report.model_type == "llm":
@@ -75,6 +86,8 @@ def cmd_train(args) -> int:
                      f"{result.diffusers_file} (diffusers)")
     except TrainingStopped as exc:
         return _fail(str(exc), EXIT_STOPPED)
+    except USER_ERRORS as exc:  # problems with the user's files, found after the preflight: no traceback
+        return _fail(str(exc))
     except KeyboardInterrupt:
         resume = " ".join(shlex.quote(a) for a in ["python", "train.py", "--config", args.config, *args.overrides,
                                                      "resume_from=latest"])
@@ -258,14 +271,17 @@ def cmd_prepare(args) -> int:
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="default: configs/examples/demo_llm_style.yaml")
+    p.add_argument("--images", action="store_true",
+                   help="the image pipeline demo on a tiny random SD model (shows the path, not real pictures)")
+    p.add_argument("--config", default=None,
+                   help="default: configs/examples/demo_llm_style.yaml (or demo_sd_tiny.yaml with --images)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def cmd_demo(args) -> int:
-    from lora_scripts.demo import run_demo
+    from lora_scripts.demo import run_demo, run_image_demo
 
-    return run_demo(args.config, args.overrides)
+    return (run_image_demo if args.images else run_demo)(args.config, args.overrides)
 
 
 def add_label(p: argparse.ArgumentParser) -> None:

@@ -215,6 +215,17 @@ class TrainConfig(BaseModel):
         # The description writes `optimizer: "AdamW"`; accept any capitalisation of the known names.
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("base_model", "train_data_dir", "metadata_path", "eval_data_path", "output_dir", "logging_dir",
+                     "model_config_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, v: Any) -> Any:
+        # `~/models/x.safetensors` in YAML means the home folder, as it would in a shell
+        if isinstance(v, Path):
+            return v.expanduser()
+        if isinstance(v, str) and v.startswith("~"):
+            return str(Path(v).expanduser())
+        return v
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_modules(cls, v: Any) -> Any:

@@ -34,6 +34,7 @@ class Report:
     model_type: str | None = None
     findings: list[Finding] = field(default_factory=list)
     n_samples: int = 0
+    n_images: int = 0
 
     def error(self, msg: str) -> None:
         self.findings.append(Finding("error", msg))
@@ -164,7 +165,7 @@ def check_image_data(cfg: TrainConfig, report: Report) -> int:
     for name in table.captions:
         if name not in keys:
             report.error(f"{meta}: {name} is listed but there is no such image in {folder}")
-    usable = 0
+    usable = []
     for it in items:
         error, note = imgdata.check_image(it.path, cfg.resolution)
         if error:
@@ -183,9 +184,15 @@ def check_image_data(cfg: TrainConfig, report: Report) -> int:
         if caption is None and side is None:
             report.error(f"{it.key}: no caption (add a row to metadata.csv or a {it.path.stem}.txt)")
             continue
-        usable += it.repeats
-    report.info(f"{folder}: {len(items)} images, {usable} usable samples per epoch (with repeats)")
-    return usable
+        usable.append(it)
+    if not usable:
+        return 0
+    from lora_scripts.data.sd_data import describe_repeats, plan_repeats
+
+    repeats = plan_repeats(usable, cfg.repeats)
+    report.info(f"{folder}: {len(items)} images; {describe_repeats(usable, repeats)}")
+    report.n_images = len(usable)
+    return sum(repeats)
 
 
 def run_preflight(cfg: TrainConfig) -> Report:
@@ -202,8 +209,9 @@ def run_preflight(cfg: TrainConfig) -> Report:
     if not n:
         return report
     lo, hi = SWEET_SPOT
-    if n < lo:
-        report.warn(f"{n} training samples is below the {lo}-{hi} sweet spot; expect a weak or over-fitted adapter")
+    distinct = report.n_images or n  # repeats do not add information: judge the number of distinct samples
+    if distinct < lo:
+        report.warn(f"{distinct} training samples is below the {lo}-{hi} sweet spot; expect a weak or over-fitted adapter")
     elif n > hi * 5:
         report.info(f"{n} training samples: more than LoRA needs for a style; epochs can be fewer")
     world = int(os.environ.get("WORLD_SIZE", "1"))

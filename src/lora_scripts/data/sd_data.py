@@ -66,6 +66,21 @@ def auto_repeats(items: list[ImageItem]) -> int:
     return max(1, math.ceil(FLAT_FOLDER_VIEWS / max(len(items), 1)))
 
 
+def plan_repeats(items: list[ImageItem], repeats: int | None) -> list[int]:
+    """Views per epoch of each image: `repeats` if set, else kohya's N_name folders, else auto for a flat folder."""
+    if repeats:
+        return [repeats] * len(items)
+    if any(it.repeats > 1 for it in items):
+        return [it.repeats for it in items]
+    return [auto_repeats(items)] * len(items)
+
+
+def describe_repeats(items: list[ImageItem], repeats: list[int]) -> str:
+    if len(set(repeats)) == 1:
+        return f"{len(items)} images x {repeats[0]} repeats = {sum(repeats)} views per epoch"
+    return f"{len(items)} images, repeats from the N_name folders: {sum(repeats)} views per epoch"
+
+
 def augment_caption(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int, dropout: float) -> str:
     if dropout and rng.random() < dropout:
         return ""

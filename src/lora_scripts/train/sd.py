@@ -123,13 +123,10 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         # ---- data -----------------------------------------------------------------------------------
         items = load_captioned_images(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word)
         samples, table = sd_data.build_samples(items, cfg.resolution)
-        folder_repeats = any(it.repeats > 1 for it in items)
-        flat_repeats = cfg.repeats or (1 if folder_repeats else sd_data.auto_repeats(items))
-        repeats = [cfg.repeats or (it.repeats if folder_repeats else flat_repeats) for it in items]
+        repeats = sd_data.plan_repeats(items, cfg.repeats)
         events.emit("info", message="buckets (width x height: images): "
                     + ", ".join(f"{w}x{h}: {n}" for (w, h), n in table.items()))
-        if not folder_repeats:
-            events.emit("info", message=f"{len(items)} images x {flat_repeats} repeats = {sum(repeats)} views per epoch")
+        events.emit("info", message=sd_data.describe_repeats(items, repeats))
 
         # ---- model and adapters ------------------------------------------------------------------------
         model = load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization)
@@ -266,7 +263,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                         loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
                     loss = loss.mean()
                     accelerator.backward(loss / len(group))
-                    group_loss += float(loss) / len(group)
+                    group_loss += float(loss.detach()) / len(group)
                     views += len(batch)
                 if not math.isfinite(group_loss):
                     raise TrainingStopped(nan_message(pos.step + 1, group_loss, cfg, out_dir))
