@@ -88,10 +88,14 @@ def cmd_train(args) -> int:
         return _fail(str(exc), EXIT_STOPPED)
     except USER_ERRORS as exc:  # problems with the user's files, found after the preflight: no traceback
         return _fail(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from lora_scripts.train.common import TrainingInterrupted
+
         resume = " ".join(shlex.quote(a) for a in ["python", "train.py", "--config", args.config, *args.overrides,
                                                      "resume_from=latest"])
-        print(f"\ninterrupted. Continue from the last checkpoint with:\n  {resume}", file=sys.stderr)
+        saved = (f"checkpoint saved: {exc.checkpoint}" if isinstance(exc, TrainingInterrupted) and exc.checkpoint
+                 else "stopped without saving; the last checkpoint written before it is kept")
+        print(f"\ninterrupted ({saved}). Continue with:\n  {resume}", file=sys.stderr)
         return 130
     if is_main:
         print(f"done: {result.steps} steps; {where}; loss curve in "

@@ -13,6 +13,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +35,60 @@ class ResumeError(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the current step was finished and a checkpoint saved."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None):
+        super().__init__(f"{signal_name}: stopped after saving {checkpoint}")
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+
+
+class GracefulStop:
+    """First Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop. A second Ctrl-C stops at once.
+
+    Stopping between steps matters: a KeyboardInterrupt inside optimizer.step() could leave half-updated
+    weights, and a checkpoint of those would resume a different run.
+    """
+
+    def __init__(self, announce=print):
+        self.requested: str | None = None
+        self._announce = announce
+        self._old: dict = {}
+
+    def install(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def __enter__(self) -> GracefulStop:
+        return self.install()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self._announce(f"{self.requested} received: finishing this step and saving a checkpoint "
+                       "(press Ctrl-C again to stop at once, without saving)")
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def stop_requested(stop: GracefulStop, accelerator) -> bool:
+    """Whether any process was asked to stop (all ranks must agree, or DDP would wait forever)."""
+    flag = torch.tensor(1.0 if stop.requested else 0.0, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag > 0)
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,9 @@ from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models.llm import context_length, load_llm, lora_config_for
 from lora_scripts.train.common import (
+    GracefulStop,
     Position,
+    TrainingInterrupted,
     TrainingStopped,
     build_optimizer,
     build_scheduler,
@@ -32,6 +34,7 @@ from lora_scripts.train.common import (
     plan_steps,
     save_checkpoint,
     seed_everything,
+    stop_requested,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 
@@ -118,6 +121,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
     events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
+    stop = GracefulStop(events.print)  # installed around the loop only
     try:
         seed_everything(cfg.seed)
 
@@ -180,13 +184,15 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         def export_adapter(folder: Path) -> None:
             core.save_pretrained(folder, safe_serialization=True)
 
-        def checkpoint() -> None:
+        def checkpoint() -> Path | None:
             accelerator.wait_for_everyone()
+            path = None
             if accelerator.is_main_process:
                 path = save_checkpoint(out_dir, pos, core, optimizer, scheduler, cfg, export_adapter,
                                        keep=cfg.save_total_limit)
                 events.emit("checkpoint", step=pos.step, path=str(path))
             accelerator.wait_for_everyone()
+            return path
 
         eval_losses: list[tuple[int, float]] = []
 
@@ -205,6 +211,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         model.train()
         last_loss = None
         tick, tokens_since = time.perf_counter(), 0
+        stop.install()
         while pos.step < total_steps:
             all_batches = textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, pos.epoch)
             mine = all_batches[: batches_per_rank * world][rank::world]
@@ -237,6 +244,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=scheduler.get_last_lr()[0],
                             grad_norm=grad_norm, tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
                 tick, tokens_since = time.perf_counter(), 0
+                if stop_requested(stop, accelerator):
+                    raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())
                 if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
                     checkpoint()
                 if pos.step >= total_steps:
@@ -267,6 +276,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     finally:
+        stop.restore()
         events.close()
 
 

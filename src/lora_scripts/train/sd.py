@@ -25,7 +25,9 @@ from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import SDModel, load_sd
 from lora_scripts.train.common import (
+    GracefulStop,
     Position,
+    TrainingInterrupted,
     TrainingStopped,
     build_optimizer,
     build_scheduler,
@@ -35,6 +37,7 @@ from lora_scripts.train.common import (
     plan_steps,
     save_checkpoint,
     seed_everything,
+    stop_requested,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 
@@ -116,6 +119,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
     events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
+    stop = GracefulStop(events.print)  # installed around the loop only
     try:
         seed_everything(cfg.seed)
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
@@ -214,16 +218,19 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
             return kohya, write_diffusers_lora(folder, model, train_te, dtype)
 
-        def checkpoint() -> None:
-            if accelerator.is_main_process:
-                path = save_checkpoint(out_dir, pos, holder, optimizer, lr_sched, cfg, export, keep=cfg.save_total_limit)
-                events.emit("checkpoint", step=pos.step, path=str(path))
+        def checkpoint() -> Path | None:
+            if not accelerator.is_main_process:
+                return None
+            path = save_checkpoint(out_dir, pos, holder, optimizer, lr_sched, cfg, export, keep=cfg.save_total_limit)
+            events.emit("checkpoint", step=pos.step, path=str(path))
+            return path
 
         # ---- the loop --------------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
         unet.train()
         last_loss = None
         tick = time.perf_counter()
+        stop.install()
         while pos.step < total_steps:
             batches = sd_data.epoch_batches(samples, repeats, cfg.batch_size, cfg.seed, pos.epoch)
             mine = batches[accelerator.process_index :: accelerator.num_processes][: plan.batches_per_rank]
@@ -280,6 +287,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 events.emit("step", step=pos.step, epoch=pos.epoch, loss=group_loss, lr=lr_sched.get_last_lr()[0],
                             grad_norm=grad_norm, images_per_s=views / max(elapsed, 1e-9))
                 tick = time.perf_counter()
+                if stop_requested(stop, accelerator):
+                    raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())
                 if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
                     checkpoint()
                 if pos.step >= total_steps:
@@ -306,6 +315,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     finally:
+        stop.restore()
         events.close()
 
 
