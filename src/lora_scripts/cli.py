@@ -19,9 +19,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.data.text import DataError
     from lora_scripts.models.llm import ModelLoadError
     from lora_scripts.models.sd import SDLoadError
+    from lora_scripts.safety import RunLockedError, UnsafeFileError
     from lora_scripts.train.common import ResumeError
 
-    return (CaptionFileError, DataError, ModelLoadError, SDLoadError, ResumeError, FileNotFoundError)
+    return (CaptionFileError, DataError, ModelLoadError, SDLoadError, ResumeError, FileNotFoundError,
+            UnsafeFileError, RunLockedError)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -218,7 +220,7 @@ def cmd_generate(args) -> int:
         return cmd_generate_sd(args, prompts, model_type)
     try:
         model, tokenizer = load_with_adapters(args.base, args.lora)
-    except (LoraSpecError, FileNotFoundError, OSError) as exc:
+    except (LoraSpecError, FileNotFoundError, OSError, ValueError) as exc:
         return _fail(str(exc))
 
     def answer(batch: list[str]) -> None:

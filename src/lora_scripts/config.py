@@ -179,6 +179,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, about 30% slower."""
 
+    skip_nan_steps: int = Field(default=0, ge=0)
+    """Skip up to this many steps whose loss or gradients are NaN/inf (the update is dropped) before
+    stopping; 0 stops at the first one, with the step, likely causes and last good checkpoint."""
+
     seed: int = 42
     """Seeds data order, LoRA init and dropout; the same seed gives the same run."""
 
@@ -224,6 +228,13 @@ class TrainConfig(BaseModel):
             return v.expanduser()
         if isinstance(v, str) and v.startswith("~"):
             return str(Path(v).expanduser())
+        return v
+
+    @field_validator("output_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v or "\\" in v or v in (".", "..")):
+            raise ValueError("must be a plain file name (no folders), e.g. cyberpunk_night")
         return v
 
     @field_validator("target_modules", mode="before")

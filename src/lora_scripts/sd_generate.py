@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from lora_scripts.safety import check_safetensors
+
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
 
 
@@ -36,6 +38,7 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> None:
     """Load each LoRA file as its own adapter and activate them at their strengths."""
     names, weights = [], []
     for i, (path, weight) in enumerate(loras):
+        check_safetensors(path)
         name = f"lora{i}"
         pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
         names.append(name)

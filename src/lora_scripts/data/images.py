@@ -58,6 +58,10 @@ def read_caption_csv(path: Path) -> CaptionTable:
                 if not name:
                     table.problems.append(f"{path}:{row_no}: row has no filename")
                     continue
+                if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
+                    # never read outside the dataset folder, whatever a downloaded CSV says
+                    raise CaptionFileError(f"{path}:{row_no}: filename {name!r} points outside the dataset folder; "
+                                           "use a path relative to it")
                 if name in table.captions:
                     table.problems.append(f"{path}:{row_no}: {name} is listed twice; the first row is used")
                     continue

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lora_scripts.models.llm import load_llm
+from lora_scripts.safety import check_safetensors
 
 
 class LoraSpecError(ValueError):
@@ -26,6 +27,8 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     folder = Path(path)
     if not (folder / "adapter_config.json").exists():
         raise LoraSpecError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+    for f in folder.glob("*.safetensors"):
+        check_safetensors(f)
     return folder, weight
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 from lora_scripts.models.embedded import EMBEDDED_MODELS
+from lora_scripts.safety import UnsafeFileError, check_safetensors
 
 SD_UNET_PREFIX = "model.diffusion_model."
 SDXL_MARKER = "conditioner.embedders.1."
@@ -18,18 +18,11 @@ class ModelTypeError(ValueError):
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names from a safetensors header, without reading the tensors."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ModelTypeError(f"{path}: too short to be a safetensors file")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000 or size > path.stat().st_size:
-            raise ModelTypeError(f"{path}: safetensors header size {size} is impossible; the file is corrupt")
-        try:
-            header = json.loads(fh.read(size))
-        except ValueError:
-            raise ModelTypeError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    """Tensor names from a safetensors header (checked for forged offsets), without reading the tensors."""
+    try:
+        header = check_safetensors(path)
+    except UnsafeFileError as exc:
+        raise ModelTypeError(str(exc)) from None
     return [k for k in header if k != "__metadata__"]
 
 

@@ -15,6 +15,7 @@ from lora_scripts.models.embedded import (
     is_prepared,
     resolve_embedded,
 )
+from lora_scripts.safety import check_safetensors
 
 # Attention projections by architecture family, in the order we look for them. The first family whose
 # names all occur in the model wins; otherwise every linear layer is adapted.
@@ -67,6 +68,8 @@ def load_llm(base_model: str, dtype: torch.dtype = torch.float32, log=print):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_llm_path(base_model, log=log)
+    for f in Path(folder).glob("*.safetensors"):
+        check_safetensors(f)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
+from lora_scripts.safety import UnsafeFileError, check_safetensors
 
 # SDXL's second text encoder must be wider than the first even in a tiny model: diffusers tells the two
 # apart in a single-file checkpoint by their embedding widths (768 vs 1280 in the real one).
@@ -77,10 +78,12 @@ def load_sd(base_model: str, model_type: str, config_dir: Path | None = None,
         else:
             if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
                 check_pickle_safe(path)
+            elif path.suffix.lower() == ".safetensors":
+                check_safetensors(path)
             cfg = Path(config_dir) if config_dir else config_folder(model_type)
             kwargs = {"safety_checker": None} if model_type != "sdxl" else {}
             pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True, **kwargs)
-    except SDLoadError:
+    except (SDLoadError, UnsafeFileError):
         raise
     except Exception as exc:
         raise SDLoadError(f"{base_model}: could not load it as {model_type}: {exc}") from None

@@ -6,6 +6,7 @@ report through `train.events.Events`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -35,6 +36,10 @@ class ResumeError(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
+
+
+class DiskFullError(TrainingStopped):
+    pass
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -235,6 +240,32 @@ def save_checkpoint(
     tmp = output_dir / f".tmp-checkpoint-{pos.step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = list_checkpoints(output_dir)
+            need = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
+            raise DiskFullError(
+                f"disk full while writing checkpoint {final}: {exc.strerror}. A checkpoint needs about "
+                f"{max(need, 1) / 1e6:.1f} MB free in {output_dir} (free now: {shutil.disk_usage(output_dir).free / 1e6:.1f} MB). "
+                + (f"The previous checkpoint {previous[-1]} is intact; free some space and resume with "
+                   "resume_from: latest." if previous else "No earlier checkpoint exists.")
+            ) from None
+        raise
+
+    if final.exists():  # a rerun over the same step: replace it, never merge into it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    if keep is not None:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn) -> None:
     tmp.mkdir(parents=True)
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -257,14 +288,13 @@ def save_checkpoint(
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
 
-    if final.exists():  # a rerun over the same step: replace it, never merge into it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output_dir)
-    if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete `.tmp-checkpoint-*` folders left by a killed run (call only while holding the run lock)."""
+    removed = sorted(Path(output_dir).glob(".tmp-checkpoint-*")) if Path(output_dir).exists() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -347,3 +377,49 @@ def nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str
     causes.append(f"a learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it)")
     return (f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. "
             f"{last.capitalize()} (resume with resume_from: latest).")
+
+
+class NanGuard:
+    """Counts non-finite steps; skips up to cfg.skip_nan_steps of them, then stops with nan_message."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, events):
+        self.cfg, self.out_dir, self.events, self.skipped = cfg, out_dir, events, 0
+
+    def bad_step(self, step: int, loss: float, grad_norm: float) -> bool:
+        """True when this step must be skipped; raises TrainingStopped once the allowance is used up."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return False
+        value = loss if not math.isfinite(loss) else grad_norm
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        self.skipped += 1
+        if self.skipped > self.cfg.skip_nan_steps:
+            raise TrainingStopped(nan_message(step, value, self.cfg, self.out_dir).replace("loss became", f"{what} became"))
+        self.events.emit("warning", step=step, message=f"step {step}: {what} is {value}; update skipped "
+                         f"({self.skipped} of skip_nan_steps={self.cfg.skip_nan_steps})")
+        return True
+
+
+OOM_TYPES = (torch.cuda.OutOfMemoryError,)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, OOM_TYPES) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def oom_message(cfg: TrainConfig, family: str) -> str:
+    """Concrete settings to try after an out-of-memory error, with values."""
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(f"batch_size: {cfg.batch_size} -> {cfg.batch_size // 2} with gradient_accumulation_steps: "
+                    f"{cfg.gradient_accumulation_steps} -> {cfg.gradient_accumulation_steps * 2} (same effective batch)")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing: true (much less activation memory, ~30% slower)")
+    if cfg.mixed_precision == "no":
+        tips.append("mixed_precision: bf16 (or fp16 on GPUs without bf16)")
+    if family == "llm":
+        tips.append(f"max_seq_length: {cfg.max_seq_length} -> {max(64, cfg.max_seq_length // 2)}")
+    else:
+        tips.append(f"resolution: {cfg.resolution} -> {max(256, cfg.resolution - 128)}")
+    if cfg.optimizer == "adamw":
+        tips.append("optimizer: adafactor (or adamw8bit with bitsandbytes on CUDA)")
+    return "out of memory. Try, in this order:\n  " + "\n  ".join(tips)

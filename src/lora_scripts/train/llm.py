@@ -21,17 +21,21 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models.llm import context_length, load_llm, lora_config_for
+from lora_scripts.safety import RunLock
 from lora_scripts.train.common import (
     GracefulStop,
+    NanGuard,
     Position,
     TrainingInterrupted,
     TrainingStopped,
     build_optimizer,
     build_scheduler,
     find_resume_checkpoint,
+    is_oom,
     load_checkpoint,
-    nan_message,
+    oom_message,
     plan_steps,
+    remove_partial_checkpoints,
     save_checkpoint,
     seed_everything,
     stop_requested,
@@ -120,8 +124,14 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
+    lock = RunLock(out_dir)
+    if accelerator.is_main_process:
+        lock.acquire()  # before anything is written: a second run must not touch this folder
+        remove_partial_checkpoints(out_dir)  # half-written by a killed run; never valid
     events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
+    lock.announce = events.print
     stop = GracefulStop(events.print)  # installed around the loop only
+    nan_guard = NanGuard(cfg, out_dir, events)
     try:
         seed_everything(cfg.seed)
 
@@ -229,12 +239,10 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                         accelerator.backward(loss / len(group))
                     group_loss += loss.detach() / len(group)
                 loss_value = float(accelerator.reduce(group_loss, reduction="mean"))
-                if not math.isfinite(loss_value):
-                    raise TrainingStopped(nan_message(pos.step + 1, loss_value, cfg, out_dir))
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
+                # with max_grad_norm null the norm is still measured (an infinite bound clips nothing)
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                if not nan_guard.bad_step(pos.step + 1, loss_value, grad_norm):
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pos.step += 1
@@ -272,12 +280,17 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
     except BaseException as exc:
+        if is_oom(exc):
+            stopped = TrainingStopped(oom_message(cfg, "llm"))
+            events.emit("error", message="out of memory")
+            raise stopped from None
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     finally:
         stop.restore()
         events.close()
+        lock.release()
 
 
 def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:
