@@ -336,14 +336,117 @@ def cmd_label(args) -> int:
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a LoRA .safetensors file or a PEFT adapter folder")
+    p.add_argument("path", help="a LoRA .safetensors file (kohya or diffusers) or a PEFT adapter folder")
 
 
-def not_yet(what: str, issue: str) -> Callable:
-    def run(args) -> int:
-        return _fail(f"`lora-scripts {what}` is not available yet in this version ({issue}).")
+def cmd_inspect(args) -> int:
+    from lora_scripts.tools.inspect_lora import describe
 
-    return run
+    text, _ = describe(args.path)
+    print(text)
+    return 0
+
+
+def _config_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-config-dir", type=Path, default=None,
+                   help="diffusers config folder of a non-standard SD model (default: the shipped SD1.5/SD2/SDXL)")
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="LoRA file or PEFT folder")
+    p.add_argument("output", help="output file (kohya), folder (diffusers, peft)")
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
+    _config_dir(p)
+
+
+def cmd_convert(args) -> int:
+    from lora_scripts.tools.ops import convert
+
+    out = convert(args.input, args.output, args.to, args.model_config_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base checkpoint (.safetensors / diffusers folder) or LLM")
+    p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
+    p.add_argument("--out", required=True, help="SD: merged single-file .safetensors; LLM: a folder")
+    p.add_argument("--diffusers-out", type=Path, default=None, help="SD: also write a diffusers folder")
+    _config_dir(p)
+
+
+def cmd_merge(args) -> int:
+    from lora_scripts.export.peft import split_weight
+    from lora_scripts.tools.model_ops import merge
+
+    loras = [split_weight(s) for s in args.lora]
+    out = merge(args.base, loras, Path(args.out), args.model_config_dir, args.diffusers_out)
+    print(f"merged {len(loras)} LoRA(s) into {out}")
+    return 0
+
+
+def add_combine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("loras", nargs="+", metavar="PATH[:WEIGHT]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rank", type=int, default=None,
+                   help="SVD of the summed update to this rank; without it the ranks are concatenated (exact)")
+
+
+def _print_report(report, verb: str) -> None:
+    worst = min(report, key=lambda r: r.retained) if report else None
+    for r in report:
+        print(f"  {r.name}: rank {r.rank_in} -> {r.rank_out}, retained {r.retained:.4f} of the update's norm")
+    if worst is not None:
+        mean = sum(r.retained for r in report) / len(report)
+        print(f"{verb}: {len(report)} modules, mean retained norm {mean:.4f}, lowest {worst.retained:.4f} ({worst.name})")
+
+
+def cmd_combine(args) -> int:
+    from lora_scripts.export.peft import split_weight
+    from lora_scripts.tools.lora_file import read_lora
+    from lora_scripts.tools.ops import combine, save_like
+
+    loras = [(read_lora(p), w) for p, w in (split_weight(s) for s in args.loras)]
+    merged, report = combine(loras, args.rank)
+    _print_report(report, "combine")
+    print(f"wrote {save_like(merged, Path(args.out))}")
+    return 0
+
+
+def add_resize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input")
+    p.add_argument("--out", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="new rank for every module")
+    group.add_argument("--energy", type=float, help="per module, the least rank keeping this share of the "
+                                                    "squared norm (e.g. 0.95)")
+
+
+def cmd_resize(args) -> int:
+    from lora_scripts.tools.lora_file import read_lora
+    from lora_scripts.tools.ops import resize, save_like
+
+    lora, report = resize(read_lora(args.input), args.rank, args.energy)
+    _print_report(report, "resize")
+    print(f"wrote {save_like(lora, Path(args.out))}")
+    return 0
+
+
+def add_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True)
+    p.add_argument("--tuned", required=True, help="the fine-tuned model of the same architecture")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", required=True, help="SD: a kohya .safetensors; LLM: a PEFT folder")
+    _config_dir(p)
+
+
+def cmd_extract(args) -> int:
+    from lora_scripts.tools.model_ops import extract
+
+    out, report = extract(args.base, args.tuned, args.rank, Path(args.out), args.model_config_dir)
+    _print_report(report, "extract")
+    print(f"wrote {out}")
+    return 0
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -354,7 +457,29 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
     "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),
     "label": ("auto-caption images into metadata.csv with CLIP", add_label, cmd_label),
-    "inspect": ("describe a LoRA file or folder", add_inspect, not_yet("inspect", "the LoRA tools are being built")),
+    "inspect": ("describe a LoRA file or folder", add_inspect, cmd_inspect),
+    "convert": ("convert a LoRA between kohya, diffusers and PEFT formats", add_convert, cmd_convert),
+    "merge": ("bake LoRAs into a base model at chosen strengths", add_merge, cmd_merge),
+    "combine": ("one LoRA from several (exact concatenation or SVD)", add_combine, cmd_combine),
+    "resize": ("reduce a LoRA's rank by SVD", add_resize, cmd_resize),
+    "extract": ("a LoRA from the difference between a fine-tune and its base", add_extract, cmd_extract),
+}
+
+
+EXAMPLES = {
+    "train": "python train.py --config configs/my_lora_config.yaml learning_rate=1e-4",
+    "validate": "lora-scripts validate --config configs/my_lora_config.yaml",
+    "label": "lora-scripts label --input data/cyberpunk_night --clip-model ./models/clip-vit-large-patch14",
+    "generate": "lora-scripts generate --base smollm2-135m-instruct --lora output/demo_llm_style:0.8 --prompt 'Hi'",
+    "export": "lora-scripts export --merge --base smollm2-135m-instruct --lora output/demo_llm_style --out merged/",
+    "prepare": "lora-scripts prepare",
+    "demo": "lora-scripts demo        # or: lora-scripts demo --images",
+    "inspect": "lora-scripts inspect output/cyberpunk_night/cyberpunk_night.safetensors",
+    "convert": "lora-scripts convert style.safetensors style_diffusers/ --to diffusers",
+    "merge": "lora-scripts merge --base v1-5-pruned.safetensors --lora style.safetensors:0.8 --out merged.safetensors",
+    "combine": "lora-scripts combine style.safetensors:0.8 character.safetensors:0.5 --out mix.safetensors --rank 16",
+    "resize": "lora-scripts resize style.safetensors --energy 0.95 --out style_small.safetensors",
+    "extract": "lora-scripts extract --base v1-5-pruned.safetensors --tuned my-finetune.safetensors --rank 32 --out x.safetensors",
 }
 
 
@@ -362,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-scripts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_args(p)
         p.set_defaults(run=run)
     return parser
@@ -370,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("inspect", "convert", "merge", "combine", "resize", "extract"):
+        from lora_scripts.safety import UnsafeFileError
+        from lora_scripts.tools.lora_file import LoraFormatError
+
+        try:
+            return args.run(args)
+        except (LoraFormatError, UnsafeFileError, FileNotFoundError, ValueError) as exc:
+            return _fail(str(exc))
     return args.run(args)
 
 

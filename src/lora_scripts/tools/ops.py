@@ -1,0 +1,203 @@
+"""The LoRA tools' arithmetic: convert, combine, resize, extract, merge. Every verb is a Python function
+first; the CLI only parses arguments."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_scripts.tools.lora_file import (
+    LoraFormatError,
+    LoraModule,
+    LoraSet,
+    read_lora,
+    write_kohya_file,
+    write_peft_folder,
+)
+from lora_scripts.tools.sd_names import sd_name_map
+
+# ---- convert ---------------------------------------------------------------------------------------
+
+
+def to_kohya_names(lora: LoraSet, config_dir: Path | None = None) -> LoraSet:
+    """A diffusers-format SD LoRA renamed to kohya keys (tensors untouched)."""
+    if lora.format == "kohya":
+        return lora
+    if lora.format != "diffusers":
+        raise LoraFormatError(f"a {lora.format} adapter has no kohya form (kohya files are for Stable Diffusion)")
+    family = _diffusers_family(lora)
+    reverse = {f"{comp}.{path}": k for k, (comp, path) in sd_name_map(family, config_dir).items()}
+    modules = {}
+    for name, m in lora.modules.items():
+        if name not in reverse:
+            raise LoraFormatError(f"{name}: no such module in a {family} model; pass --model-config-dir for a "
+                                  "non-standard architecture")
+        modules[reverse[name]] = m
+    meta = {"ss_base_model_version": {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+            "ss_network_module": "networks.lora"}
+    return LoraSet(modules, "kohya", meta)
+
+
+def _diffusers_family(lora: LoraSet) -> str:
+    if any(n.startswith("text_encoder_2.") for n in lora.modules):
+        return "sdxl"
+    cfg = json.loads(lora.metadata.get("lora_adapter_metadata", "{}"))
+    if any("add_embedding" in n for n in lora.modules) or "sdxl" in json.dumps(cfg).lower():
+        return "sdxl"
+    return "sd15"
+
+
+def to_diffusers_layers(lora: LoraSet, family: str, config_dir: Path | None = None) -> dict[str, dict]:
+    """kohya → {component: {module path: LoraModule}} in diffusers naming."""
+    names = sd_name_map(family, config_dir)
+    out: dict[str, dict] = {}
+    for key, m in lora.modules.items():
+        if key not in names:
+            raise LoraFormatError(f"{key}: no such module in a {family} model (ComfyUI would report "
+                                  f"'lora key not loaded'); pass --model-config-dir for a non-standard architecture")
+        comp, path = names[key]
+        out.setdefault(comp, {})[path] = m
+    return out
+
+
+def write_diffusers_file(lora: LoraSet, folder: Path, config_dir: Path | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` with per-component adapter metadata (ranks and alphas)."""
+    import diffusers
+
+    family = lora.family
+    if any(m.dora_scale is not None for m in lora.modules.values()):
+        raise LoraFormatError("DoRA magnitudes have no place in the diffusers LoRA format; keep the kohya file")
+    layers = to_diffusers_layers(lora, family, config_dir)
+    kwargs = {}
+    for comp, mods in layers.items():
+        tensors, ranks, alphas = {}, {}, {}
+        for path, m in mods.items():
+            tensors[f"{path}.lora_A.weight"] = m.down
+            tensors[f"{path}.lora_B.weight"] = m.up
+            ranks[path], alphas[path] = m.rank, (m.alpha if m.alpha is not None else float(m.rank))
+        r = max(set(ranks.values()), key=list(ranks.values()).count)
+        a = max(set(alphas.values()), key=list(alphas.values()).count)
+        meta = {"r": r, "lora_alpha": a, "target_modules": sorted({_target_name(p) for p in mods}),
+                "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+                "alpha_pattern": {p: v for p, v in alphas.items() if v != a}}
+        kwargs[f"{comp}_lora_layers"] = tensors
+        kwargs[f"{comp}_lora_adapter_metadata"] = meta
+    pipe_cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipe_cls.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def _target_name(path: str) -> str:
+    """peft's target name of a module: its last path part, or the last two for `to_out.0`."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def convert(src: str | Path, out: str | Path, to: str, config_dir: Path | None = None) -> Path:
+    lora = read_lora(src)
+    if to == "kohya":
+        return write_kohya_file(to_kohya_names(lora, config_dir), Path(out))
+    if to == "diffusers":
+        return write_diffusers_file(to_kohya_names(lora, config_dir), Path(out), config_dir)
+    if to == "peft":
+        if lora.format != "peft":
+            raise LoraFormatError(
+                "Stable Diffusion LoRAs have no PEFT adapter folder form that SD tools read; use --to kohya "
+                "(WebUIs, ComfyUI) or --to diffusers")
+        return write_peft_folder(lora, Path(out), lora.peft_config)
+    raise LoraFormatError(f"unknown target format {to!r}; use kohya, diffusers or peft")
+
+
+# ---- combine and resize --------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    rank_in: int
+    rank_out: int
+    retained: float  # retained Frobenius norm of ΔW, 0..1
+
+
+def _svd_factor(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[LoraModule, float, int]:
+    """ΔW ≈ up @ down at the given rank (or the least rank keeping `energy` of the squared norm)."""
+    shape = delta.shape
+    mat = delta.flatten(1).double()
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    total = float((s**2).sum())
+    if rank is None:
+        cum = torch.cumsum(s**2, 0) / max(total, 1e-30)
+        rank = int((cum < (energy or 1.0) - 1e-12).sum()) + 1
+    rank = max(1, min(rank, s.numel()))
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).float()
+    down = (root[:, None] * vh[:rank]).float()
+    if len(shape) == 4:
+        up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
+    retained = (float((s[:rank] ** 2).sum()) / total) ** 0.5 if total > 0 else 1.0
+    return LoraModule(down, up, float(rank)), retained, rank
+
+
+def resize(lora: LoraSet, rank: int | None = None, energy: float | None = None) -> tuple[LoraSet, list[ModuleReport]]:
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    modules, report = {}, []
+    for name, m in lora.modules.items():
+        if m.dora_scale is not None:
+            raise LoraFormatError(f"{name}: DoRA modules cannot be resized by SVD (the magnitude depends on W)")
+        new, kept, r = _svd_factor(m.delta(), rank, energy)
+        modules[name] = new
+        report.append(ModuleReport(name, m.rank, r, kept))
+    meta = {**lora.metadata, "ss_network_dim": str(rank or "dynamic"), "ss_network_alpha": str(rank or "dynamic")}
+    return LoraSet(modules, lora.format, meta, lora.peft_config), report
+
+
+def combine(loras: list[tuple[LoraSet, float]], rank: int | None = None) -> tuple[LoraSet, list[ModuleReport]]:
+    """Σ wᵢ ΔWᵢ: exactly by concatenating ranks (rank None), or by SVD of the sum at `rank`."""
+    formats = {lr.format for lr, _ in loras}
+    if len(formats) != 1:
+        raise LoraFormatError(f"cannot combine different formats {sorted(formats)}; convert them first")
+    names = sorted({n for lr, _ in loras for n in lr.modules})
+    modules, report = {}, []
+    for name in names:
+        parts = [(lr.modules[name], w) for lr, w in loras if name in lr.modules]
+        if rank is None:
+            ups = [m.up.float() * (w * m.scale) for m, w in parts]
+            downs = [m.down.float() for m, _ in parts]
+            r = sum(d.shape[0] for d in downs)
+            modules[name] = LoraModule(torch.cat(downs, 0), torch.cat(ups, 1), float(r))
+            report.append(ModuleReport(name, r, r, 1.0))
+        else:
+            delta = sum(m.delta() * w for m, w in parts)
+            modules[name], kept, r = _svd_factor(delta, rank, None)
+            report.append(ModuleReport(name, sum(m.rank for m, _ in parts), r, kept))
+    first = loras[0][0]
+    return LoraSet(modules, first.format, dict(first.metadata), first.peft_config), report
+
+
+def save_like(lora: LoraSet, out: Path) -> Path:
+    return write_peft_folder(lora, out, lora.peft_config) if lora.format == "peft" else write_kohya_file(
+        lora if lora.format == "kohya" else to_kohya_names(lora), out)
+
+
+# ---- extract ---------------------------------------------------------------------------------------------
+
+
+def extract_deltas(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], rank: int,
+                   min_change: float = 1e-8) -> tuple[dict[str, LoraModule], list[ModuleReport]]:
+    """SVD of tuned - base for each 2-D/4-D weight that changed."""
+    modules, report = {}, []
+    for name, w_base in base.items():
+        w_tuned = tuned.get(name)
+        if w_tuned is None or w_tuned.shape != w_base.shape or w_base.dim() not in (2, 4):
+            continue
+        delta = w_tuned.float() - w_base.float()
+        if float(delta.abs().max()) <= min_change:
+            continue
+        modules[name], kept, r = _svd_factor(delta, rank, None)
+        report.append(ModuleReport(name, min(delta.flatten(1).shape), r, kept))
+    return modules, report
