@@ -13,3 +13,6 @@ demo: setup
 
 lint: setup
 	.venv/bin/ruff check src tests train.py tools bench
+
+bench: setup
+	.venv/bin/python bench/run.py

@@ -250,7 +250,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 last_loss = loss_value
                 elapsed = time.perf_counter() - tick
                 events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=scheduler.get_last_lr()[0],
-                            grad_norm=grad_norm, tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
+                            grad_norm=grad_norm, tokens=tokens_since * world, seconds=elapsed,
+                            tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
                 tick, tokens_since = time.perf_counter(), 0
                 if stop_requested(stop, accelerator):
                     raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())

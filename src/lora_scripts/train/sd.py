@@ -292,7 +292,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 last_loss = group_loss
                 elapsed = time.perf_counter() - tick
                 events.emit("step", step=pos.step, epoch=pos.epoch, loss=group_loss, lr=lr_sched.get_last_lr()[0],
-                            grad_norm=grad_norm, images_per_s=views / max(elapsed, 1e-9))
+                            grad_norm=grad_norm, images=views, seconds=elapsed, images_per_s=views / max(elapsed, 1e-9))
                 tick = time.perf_counter()
                 if stop_requested(stop, accelerator):
                     raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())

@@ -1,0 +1,115 @@
+"""One LLM training run, ours or the transformers Trainer + PEFT baseline, as a subprocess of bench/run.py.
+
+Both train SmolLM2-135M-Instruct with LoRA r=8 on q/k/v/o, the same tokenised samples (chat template,
+response-only labels), batch size, learning rate, schedule and precision. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lora_scripts.config import load_config
+from lora_scripts.data import text as td
+from lora_scripts.models.llm import load_llm
+from lora_scripts.train.llm import causal_lm_loss
+
+STEPS_SKIPPED = 2  # the first steps include one-time setup (allocations, kernel selection)
+
+
+def eval_loss(model, items: list[td.Tokenized], pad_id: int) -> float:
+    model.eval()
+    total = count = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(items), 8):
+            loss, n = causal_lm_loss(model, td.collate_padded(items[i : i + 8], pad_id))
+            total += float(loss) * n
+            count += n
+    return total / count
+
+
+def run_ours(train_file: str, eval_file: str, steps: int, batch: int, out: str) -> dict:
+    from lora_scripts.train.llm import train_llm
+
+    cfg = load_config(None, [
+        "base_model=smollm2-135m-instruct", f"metadata_path={train_file}", f"output_dir={out}", f"batch_size={batch}",
+        f"max_train_steps={steps}", "learning_rate=2e-4", "scheduler=cosine", "mixed_precision=bf16",
+        "max_seq_length=512", "save_steps=100000", "save_total_limit=1", "lora_rank=8", "lora_alpha=16",
+        "sample_prompts=[]", "epochs=1000",
+    ])
+    result = train_llm(cfg, progress=False)
+    steps_ev = [e for e in result.events if e["event"] == "step"][STEPS_SKIPPED:]
+    start = next(e for e in result.events if e["event"] == "start")
+    _, tok = load_llm("smollm2-135m-instruct")
+    held, _ = td.tokenize_all(tok, td.load_samples(Path(eval_file)), 512)
+    return {
+        "tokens": sum(e["tokens"] for e in steps_ev), "seconds": sum(e["seconds"] for e in steps_ev),
+        "step_seconds": [e["seconds"] for e in steps_ev], "final_train_loss": steps_ev[-1]["loss"],
+        "padding_fraction": 0.0, "padding_fraction_if_padded": start["padding_fraction_if_padded"],
+        "eval_loss": eval_loss(result.model, held, tok.pad_token_id),
+    }
+
+
+def run_trainer(train_file: str, eval_file: str, steps: int, batch: int, out: str) -> dict:
+    """The standard path: transformers Trainer + PEFT, right-padded batches, bf16 autocast."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    model, tok = load_llm("smollm2-135m-instruct")
+    items, _ = td.tokenize_all(tok, td.load_samples(Path(train_file)), 512)
+    data = [{"input_ids": t.input_ids, "labels": t.labels, "attention_mask": [1] * len(t)} for t in items]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             task_type="CAUSAL_LM"))
+    record = {"tokens": [], "slots": [], "times": [], "loss": [], "last": None}
+
+    class Counted(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            record["tokens"].append(int(mask.sum()))
+            record["slots"].append(mask.numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class StepClock(TrainerCallback):
+        """Time between consecutive step ends: data, forward, backward, clipping, optimizer and logging,
+        the same span our trainer's per-step `seconds` covers."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            record["last"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            record["times"].append(now - record["last"])
+            record["last"] = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                record["loss"].append(logs["loss"])
+
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-4,
+        lr_scheduler_type="cosine", bf16=True, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
+        dataloader_num_workers=0, seed=42, disable_tqdm=True, remove_unused_columns=False,
+    )
+    trainer = Counted(model=model, args=args, train_dataset=data, callbacks=[StepClock()],
+                    data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    held, _ = td.tokenize_all(tok, td.load_samples(Path(eval_file)), 512)
+    k = STEPS_SKIPPED
+    return {
+        "tokens": sum(record["tokens"][k:]), "seconds": sum(record["times"][k:]), "step_seconds": record["times"][k:],
+        "final_train_loss": record["loss"][-1], "padding_fraction": 1 - sum(record["tokens"]) / sum(record["slots"]),
+        "eval_loss": eval_loss(model, held, tok.pad_token_id),
+    }
+
+
+if __name__ == "__main__":
+    which, train_file, eval_file, steps, batch, out = sys.argv[1:7]
+    fn = run_ours if which == "ours" else run_trainer
+    res = fn(train_file, eval_file, int(steps), int(batch), out)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))

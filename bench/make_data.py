@@ -1,0 +1,23 @@
+"""A length-varied chat dataset (prompts and replies of very different lengths), where padding costs most."""
+
+import csv
+import random
+from pathlib import Path
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch quietly from far above "
+         "calm harbors and busy markets where people trade stories about weather boats bread and music").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def write_varied(path: Path, n: int = 128, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "response"])
+        for _ in range(n):
+            w.writerow([sentence(rng, rng.randint(4, 40)), " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 14)))])
+    return path

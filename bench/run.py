@@ -1,0 +1,181 @@
+"""`make bench`: ours against what users would run instead, side by side in one invocation.
+
+LLM: our trainer vs transformers Trainer + PEFT (SmolLM2-135M-Instruct, LoRA r=8 q/k/v/o, batch 4, bf16),
+on the demo dataset and on a length-varied one. SD: our trainer (cached latents and text embeddings) vs a
+loop written like diffusers' train_text_to_image_lora.py, on a mid-size SD1.5-architecture model.
+Runs alternate A B A B in fresh processes; the table shows medians and ratios (ours / baseline), and
+bench/results/latest.json + latest.png keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from make_data import write_varied  # noqa: E402
+
+# SmolLM2-135M: 30 layers x (q,o 576x576; k,v 576x192; gate/up/down 576x1536): weights in matmuls
+SMOL_BODY_PARAMS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{script} {args[0]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def has_bf16_units() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def median(runs: list[dict], key) -> float:
+    return statistics.median(key(r) for r in runs)
+
+
+def main() -> int:
+    steps_llm, steps_sd, reps = int(os.environ.get("BENCH_LLM_STEPS", 12)), int(os.environ.get("BENCH_SD_STEPS", 12)), 2
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    demo_train, demo_eval = REPO / "data/demo_llm_style/train.csv", REPO / "data/demo_llm_style/eval.csv"
+    varied = write_varied(work / "varied.csv")
+    machine = {"cpu": cpu_name(), "cores": torch.get_num_threads(), "bf16_units": has_bf16_units(),
+               "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"machine: {machine['cpu']}, {machine['cores']} threads, bf16 units: {machine['bf16_units']}")
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    results: dict = {"machine": machine, "peak_flops": peak, "llm": {}, "sd": {}}
+
+    for name, data in (("demo", demo_train), ("varied", varied)):
+        runs = {"ours": [], "trainer": []}
+        for rep in range(reps):
+            for impl in ("ours", "trainer"):  # A B A B
+                r = run("llm_bench.py", impl, str(data), str(demo_eval), str(steps_llm), "4", str(work / f"{impl}{rep}"))
+                runs[impl].append(r)
+                print(f"  llm/{name} {impl} #{rep + 1}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True)
+        results["llm"][name] = runs
+
+    model_dir = build_mid_sd(work / "mid-sd")
+    from lora_scripts.demo import write_neon_images
+
+    images = work / "neon"
+    write_neon_images(images, n=12)
+    runs = {"ours": [], "baseline": []}
+    os.environ["LORA_SCRIPTS_CACHE"] = str(work / "cache")  # a cold latent cache for the first run
+    for rep in range(reps):
+        for impl in ("ours", "baseline"):
+            r = run("sd_bench.py", impl, str(model_dir), str(images), str(steps_sd), str(work / f"sd-{impl}{rep}"))
+            runs[impl].append(r)
+            print(f"  sd {impl} #{rep + 1}: {r['images'] / r['seconds']:.2f} images/s ({r['cache']})", flush=True)
+    results["sd"] = runs
+    report(results, steps_llm, steps_sd)
+    return 0
+
+
+def build_mid_sd(folder: Path) -> Path:
+    from sd_bench import build_mid_sd as build
+
+    return build(folder)
+
+
+def report(results: dict, steps_llm: int, steps_sd: int) -> None:
+    rows = []
+    peak = results["peak_flops"]["bf16"]
+    for name, runs in results["llm"].items():
+        o, b = runs["ours"], runs["trainer"]
+        tps_o, tps_b = median(o, lambda r: r["tokens"] / r["seconds"]), median(b, lambda r: r["tokens"] / r["seconds"])
+        sps_o, sps_b = median(o, lambda r: statistics.median(r["step_seconds"])), median(b, lambda r: statistics.median(r["step_seconds"]))
+        rows.append((f"LLM {name}: trained tokens/s", tps_o, tps_b))
+        rows.append((f"LLM {name}: s / optimizer step", sps_o, sps_b))
+        rows.append((f"LLM {name}: padding fraction", median(o, lambda r: r["padding_fraction"]),
+                     median(b, lambda r: r["padding_fraction"])))
+        rows.append((f"LLM {name}: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
+        rows.append((f"LLM {name}: final train loss", median(o, lambda r: r["final_train_loss"]),
+                     median(b, lambda r: r["final_train_loss"])))
+        rows.append((f"LLM {name}: eval loss", median(o, lambda r: r["eval_loss"]), median(b, lambda r: r["eval_loss"])))
+        mfu_o, mfu_b = 4 * SMOL_BODY_PARAMS * tps_o / peak, 4 * SMOL_BODY_PARAMS * tps_b / peak
+        rows.append((f"LLM {name}: MFU vs bf16 matmul peak", mfu_o, mfu_b))
+    o, b = results["sd"]["ours"], results["sd"]["baseline"]
+    rows.append(("SD: images/s (after the cache is built)", median(o, lambda r: r["images"] / r["seconds"]),
+                 median(b, lambda r: r["images"] / r["seconds"])))
+    rows.append(("SD: s / step", median(o, lambda r: statistics.median(r["step_seconds"])),
+                 median(b, lambda r: statistics.median(r["step_seconds"]))))
+    rows.append(("SD: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
+    rows.append((f"SD: loss (mean of last 4 of {steps_sd} steps)", median(o, lambda r: r["final_loss"]),
+                 median(b, lambda r: r["final_loss"])))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}} | {'ours':>10} | {'baseline':>10} | ours/baseline", "-" * (width + 44)]
+    for label, a, bb in rows:
+        ratio = f"{a / bb:.2f}x" if bb else "-"
+        lines.append(f"{label:<{width}} | {a:>10.4g} | {bb:>10.4g} | {ratio}")
+    lines.append(f"SD cache (first run): {o[0]['cache']}")
+    lines.append(f"MFU = 4 x {SMOL_BODY_PARAMS / 1e6:.1f}M matmul weights x trained tokens/s / measured bf16 peak "
+                 "(forward 2N + input-gradient backward 2N per token; LM head and attention scores not counted)")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    results["table"] = table
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(rows, out / "latest.png")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = [(label, a / b) for label, a, b in rows if ("tokens/s" in label or "images/s" in label) and b]
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
+    labels, ratios = zip(*speed)
+    bars = ax.barh(labels, ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
+    ax.axvline(1.0, color="black", linewidth=1)
+    for bar, r in zip(bars, ratios):
+        ax.text(bar.get_width() + 0.02, bar.get_y() + bar.get_height() / 2, f"{r:.2f}x", va="center")
+    ax.set_xlabel("throughput, ours / baseline (higher is better)")
+    ax.set_xlim(0, max(ratios) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
