@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from lora_scripts.config import load_config
 from lora_scripts.data import text as td
 from lora_scripts.train import llm as llm_train
-from lora_scripts.train.common import list_checkpoints, verify_checkpoint
+from lora_scripts.train.common import TrainingStopped, list_checkpoints, verify_checkpoint
 
 
 def overrides(model, data, out, **kw):
@@ -116,7 +116,7 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tiny_llama, pairs_csv, tmp
 
     monkeypatch.setattr(llm_train, "causal_lm_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(llm_train.TrainingStopped) as err:
+    with pytest.raises(TrainingStopped) as err:
         llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, out, save_steps=2)), progress=False)
     msg = str(err.value)
     assert "loss became nan at step 3" in msg and "learning rate" in msg
@@ -256,13 +256,13 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tiny_
     script = textwrap.dedent(f"""
         import os, signal, sys
         from lora_scripts import cli
-        from lora_scripts.train import llm
-        real = llm.Events.emit
+        from lora_scripts.train import events
+        real = events.Events.emit
         def emit(self, kind, **data):
             if kind == "step" and data["step"] == 3:
                 os.kill(os.getpid(), {int(sig)})
             return real(self, kind, **data)
-        llm.Events.emit = emit
+        events.Events.emit = emit
         sys.exit(cli.main(["train", "--config", "{cfg}", "--no-progress"]))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.data.images import ImageItem, open_rgb
+from lora_scripts.hashing import sha256_file
 
 FLAT_FOLDER_VIEWS = 100  # image views per epoch that auto-repeats aim for with a flat folder
 
@@ -99,14 +100,6 @@ class Sample:
     image_hash: str
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_samples(items: list[ImageItem], resolution: int) -> tuple[list[Sample], dict[tuple[int, int], int]]:
     """Assign every image its bucket; returns the samples and the bucket table (bucket -> image count)."""
     buckets = make_buckets(resolution)
@@ -118,7 +111,7 @@ def build_samples(items: list[ImageItem], resolution: int) -> tuple[list[Sample]
         if orientation in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
             size = (size[1], size[0])
         bucket = nearest_bucket(size, buckets)
-        samples.append(Sample(it, bucket, file_hash(it.path)))
+        samples.append(Sample(it, bucket, sha256_file(it.path)))
         table[bucket] += 1
     return samples, dict(sorted(table.items()))
 

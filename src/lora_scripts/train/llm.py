@@ -21,26 +21,20 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models.llm import context_length, load_llm, lora_config_for
-from lora_scripts.safety import RunLock
 from lora_scripts.train.common import (
-    GracefulStop,
-    NanGuard,
     Position,
     TrainingInterrupted,
-    TrainingStopped,
+    TrainingRun,
     build_optimizer,
     build_scheduler,
     find_resume_checkpoint,
-    is_oom,
     load_checkpoint,
-    oom_message,
     plan_steps,
-    remove_partial_checkpoints,
     save_checkpoint,
     seed_everything,
     stop_requested,
 )
-from lora_scripts.train.events import Events, plot_loss_curve
+from lora_scripts.train.events import plot_loss_curve
 
 # peft still calls a transformers property that warns on every model load; it is not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -124,15 +118,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
-    lock = RunLock(out_dir)
-    if accelerator.is_main_process:
-        lock.acquire()  # before anything is written: a second run must not touch this folder
-        remove_partial_checkpoints(out_dir)  # half-written by a killed run; never valid
-    events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
-    lock.announce = events.print
-    stop = GracefulStop(events.print)  # installed around the loop only
-    nan_guard = NanGuard(cfg, out_dir, events)
-    try:
+    with TrainingRun(cfg, accelerator, "llm", callback, progress) as run:
+        events, stop, nan_guard = run.events, run.stop, run.nan_guard
         seed_everything(cfg.seed)
 
         # ---- data first: its errors must come before the slow model load -----------------------
@@ -280,18 +267,6 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
-    except BaseException as exc:
-        if is_oom(exc):
-            stopped = TrainingStopped(oom_message(cfg, "llm"))
-            events.emit("error", message="out of memory")
-            raise stopped from None
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
-    finally:
-        stop.restore()
-        events.close()
-        lock.release()
 
 
 def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:

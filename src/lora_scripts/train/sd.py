@@ -24,21 +24,15 @@ from lora_scripts.export.kohya import DTYPES, kohya_state_dict, tag_frequency, t
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import SDModel, load_sd
-from lora_scripts.safety import RunLock
 from lora_scripts.train.common import (
-    GracefulStop,
-    NanGuard,
     Position,
     TrainingInterrupted,
-    TrainingStopped,
+    TrainingRun,
     build_optimizer,
     build_scheduler,
     find_resume_checkpoint,
-    is_oom,
     load_checkpoint,
-    oom_message,
     plan_steps,
-    remove_partial_checkpoints,
     save_checkpoint,
     seed_everything,
     stop_requested,
@@ -122,15 +116,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
     AcceleratorState._reset_state()  # see train/llm.py: each call chooses its own precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.output_dir)
-    lock = RunLock(out_dir)
-    if accelerator.is_main_process:
-        lock.acquire()  # before anything is written: a second run must not touch this folder
-        remove_partial_checkpoints(out_dir)  # half-written by a killed run; never valid
-    events = Events(out_dir, cfg.log_dir, is_main=accelerator.is_main_process, callback=callback, progress=progress)
-    lock.announce = events.print
-    stop = GracefulStop(events.print)  # installed around the loop only
-    nan_guard = NanGuard(cfg, out_dir, events)
-    try:
+    with TrainingRun(cfg, accelerator, "sd", callback, progress) as run:
+        events, stop, nan_guard = run.events, run.stop, run.nan_guard
         seed_everything(cfg.seed)
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
@@ -317,18 +304,6 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=last_loss, lora=str(lora_file))
         return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model)
-    except BaseException as exc:
-        if is_oom(exc):
-            stopped = TrainingStopped(oom_message(cfg, "sd"))
-            events.emit("error", message="out of memory")
-            raise stopped from None
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
-    finally:
-        stop.restore()
-        events.close()
-        lock.release()
 
 
 @torch.no_grad()
