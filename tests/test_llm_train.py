@@ -271,3 +271,42 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tiny_
     assert f"checkpoint saved: {out / 'checkpoint-000003'}" in proc.stderr
     assert f"python train.py --config {cfg} resume_from=latest" in proc.stderr
     assert verify_checkpoint(out / "checkpoint-000003") is None
+
+
+def test_bf16_frozen_weights_train_bitwise_like_autocast_and_are_restored(tiny_llama, pairs_csv, tmp_path):
+    """Storing the frozen linears in bf16 once gives the same steps as autocast casting them every time."""
+    from peft import get_peft_model
+
+    from lora_scripts.models.llm import cast_frozen_linears, lora_config_for, restore_frozen_linears
+
+    cfg = load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "x", target_modules="all-linear"))
+    tok_items = None
+    losses = {}
+    for cast in (False, True):
+        torch.manual_seed(0)
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        model = get_peft_model(base_model, lora_config_for(cfg, base_model))
+        if cast:
+            assert cast_frozen_linears(model, torch.bfloat16) > 0
+        if tok_items is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tiny_llama)
+            tok_items = [td.tokenize_sample(tok, s, 256) for s in td.load_samples(pairs_csv)[:8]]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for i in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = llm_train.causal_lm_loss(model, td.collate_packed(tok_items[i * 2 : i * 2 + 2]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(float(loss))
+        losses[cast] = run
+        if cast:
+            restore_frozen_linears(model, tiny_llama)
+            base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+            layer = model.base_model.model.model.layers[0]
+            assert layer.mlp.up_proj.base_layer.weight.dtype == torch.float32
+            assert torch.equal(layer.mlp.up_proj.base_layer.weight, base["model.layers.0.mlp.up_proj.weight"])
+    assert losses[True] == losses[False]

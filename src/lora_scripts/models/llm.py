@@ -111,3 +111,40 @@ def lora_config_for(cfg: TrainConfig, model: torch.nn.Module):
 
 def context_length(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def frozen_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Frozen Linear layers whose weight is not shared with the input embeddings (a tied LM head)."""
+    embed = model.get_input_embeddings().weight
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad and mod.weight is not embed}
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen Linear weights in `dtype` once, instead of autocast casting them on every forward.
+
+    Autocast runs these matmuls in `dtype` anyway, so the results are bitwise the same (tested); it saves
+    the per-step copies and half the weights' memory. Embeddings, norms and a tied LM head stay fp32.
+    """
+    layers = frozen_linears(model)
+    for mod in layers.values():
+        mod.weight.data = mod.weight.data.to(dtype)
+    return len(layers)
+
+
+def restore_frozen_linears(model: torch.nn.Module, folder: Path) -> None:
+    """Put the exact fp32 base weights back (from the model files) after cast_frozen_linears."""
+    from safetensors import safe_open
+
+    wanted = {}
+    for name, mod in frozen_linears(model).items():
+        if mod.weight.dtype != torch.float32:
+            # peft wraps an adapted layer as `<path>.base_layer` under `base_model.model.`
+            wanted[name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"] = mod
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in set(fh.keys()) & wanted.keys():
+                mod = wanted.pop(key)
+                mod.weight.data = fh.get_tensor(key).to(torch.float32)
+    for mod in wanted.values():  # not found on disk (should not happen): widen what we have
+        mod.weight.data = mod.weight.data.float()
