@@ -20,14 +20,7 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
-from lora_scripts.models.llm import (
-    cast_frozen_linears,
-    context_length,
-    load_llm,
-    lora_config_for,
-    resolve_llm_path,
-    restore_frozen_linears,
-)
+from lora_scripts.models.llm import context_length, load_llm, lora_config_for
 from lora_scripts.train.common import (
     Position,
     TrainingInterrupted,
@@ -156,9 +149,6 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config_for(cfg, model))
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        if low is not None:
-            cast_frozen_linears(model, low)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, [{"params": params}])
         scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -276,8 +266,6 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         accelerator.wait_for_everyone()
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        if low is not None:
-            restore_frozen_linears(plain, resolve_llm_path(cfg.base_model, log=events.print))
         return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
 
 
