@@ -113,3 +113,13 @@ def test_unsafe_ckpt_is_refused(tmp_path, bad):
         pickle.dump({"state_dict": Evil()}, fh)
     with pytest.raises(SDLoadError, match="could run code when loaded.*safetensors"):
         load_sd(str(path), "sd15")
+
+
+def test_multi_process_sd_is_refused_before_launching(tiny_sd15, style_images, tmp_path, capsys):
+    ckpt, cfg_dir = tiny_sd15
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: {ckpt}\nmodel_config_dir: {cfg_dir}\ntrain_data_dir: {style_images}\n"
+                   f"output_dir: {tmp_path / 'o'}\n")
+    assert main(["train", "--config", str(cfg), "--num-processes", "2"]) == 2
+    assert "multi-process training is available for LLMs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -61,7 +61,15 @@ def cmd_train(args) -> int:
     except ConfigError as exc:
         return _fail(f"the config has problems:\n{exc}")
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch(args.num_processes)
+        from lora_scripts.models.detect import ModelTypeError, detect_model_type
+
+        try:
+            family = cfg.model_type or detect_model_type(cfg.base_model)
+        except ModelTypeError as exc:
+            return _fail(str(exc))
+        if family != "llm":
+            return _fail("multi-process training is available for LLMs; train Stable Diffusion on one process")
+        return _relaunch(args)
     is_main = os.environ.get("RANK", "0") == "0"
     report = run_preflight(cfg)
     if is_main:
@@ -79,8 +87,6 @@ def cmd_train(args) -> int:
             result = train_llm(cfg, progress=not args.no_progress)
             where = f"adapter in {result.adapter_dir}"
         else:
-            if args.num_processes > 1:
-                return _fail("multi-process training is available for LLMs; train Stable Diffusion on one process")
             from lora_scripts.train.sd import train_sd
 
             result = train_sd(cfg, progress=not args.no_progress)
@@ -105,20 +111,17 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _relaunch(n: int) -> int:
-    """Start n ranks of this same command with torchrun (gloo on CPU, NCCL on GPUs)."""
+def _relaunch(args) -> int:
+    """Start the ranks of this same training command with torchrun (gloo on CPU, NCCL on GPUs)."""
     import torch
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # accelerate then builds a CPU DDP over gloo
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--num-processes") if "--num-processes" in argv else -1
-    if i >= 0:
-        del argv[i : i + 2]
-    argv = [a for a in argv if not a.startswith("--num-processes=")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "lora_scripts.cli", *argv]
+    # rebuilt from the parsed arguments, so `python train.py ...` (which has no `train` word) relaunches too
+    flags = [f for f, on in (("--fp16", args.fp16), ("--bf16", args.bf16), ("--no-progress", args.no_progress)) if on]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
+           "-m", "lora_scripts.cli", "train", "--config", args.config, *flags, *args.overrides]
     return subprocess.call(cmd, env=env)
 
 
