@@ -336,6 +336,21 @@ def find_resume_checkpoint(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
+def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events) -> Position:
+    """Position() for a fresh run, or the restored position of `resume_from` (weights, optimizer, schedule
+    and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning."""
+    if not cfg.resume_from:
+        return Position()
+    out_dir = Path(cfg.output_dir)
+    ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
+    if ckpt is None:
+        events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
+        return Position()
+    pos = load_checkpoint(ckpt, model, optimizer, scheduler)
+    events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
+    return pos
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> Position:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())

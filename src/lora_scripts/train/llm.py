@@ -22,14 +22,12 @@ from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models.llm import context_length, load_llm, lora_config_for
 from lora_scripts.train.common import (
-    Position,
     TrainingInterrupted,
     TrainingRun,
     build_optimizer,
     build_scheduler,
-    find_resume_checkpoint,
-    load_checkpoint,
     plan_steps,
+    resume_position,
     save_checkpoint,
     seed_everything,
     stop_requested,
@@ -155,14 +153,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         model, optimizer = accelerator.prepare(model, optimizer)
         core = accelerator.unwrap_model(model)
 
-        pos = Position()
-        if cfg.resume_from:
-            ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
-            if ckpt is None:
-                events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
-            else:
-                pos = load_checkpoint(ckpt, core, optimizer, scheduler)
-                events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
+        pos = resume_position(cfg, core, optimizer, scheduler, events)
 
         n_trainable = sum(p.numel() for p in params)
         events.emit(

@@ -30,9 +30,8 @@ from lora_scripts.train.common import (
     TrainingRun,
     build_optimizer,
     build_scheduler,
-    find_resume_checkpoint,
-    load_checkpoint,
     plan_steps,
+    resume_position,
     save_checkpoint,
     seed_everything,
     stop_requested,
@@ -161,12 +160,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        pos = Position()
-        if cfg.resume_from:
-            ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
-            if ckpt is not None:
-                pos = load_checkpoint(ckpt, holder, optimizer, lr_sched)
-                events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
+        pos = resume_position(cfg, holder, optimizer, lr_sched, events)
 
         # ---- caches ----------------------------------------------------------------------------------------
         cache = sd_data.LatentCache(cache_root() / "latents", vae) if cfg.cache_latents else None
