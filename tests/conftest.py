@@ -124,16 +124,10 @@ def tiny_blip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     """A tiny SD1.5-architecture model saved as an original-layout single file + its config folder."""
-    from safetensors.torch import save_file
-
-    from lora_scripts.models.sd import build_tiny_sd, save_config_folder_for
-    from lora_scripts.models.sd_convert import pipeline_to_original
+    from lora_scripts.models.sd import build_tiny_sd, save_single_file
 
     d = tmp_path_factory.mktemp("tiny_sd15")
-    pipe = build_tiny_sd("sd15")
-    save_file(pipeline_to_original(pipe), d / "tiny-sd15.safetensors")
-    save_config_folder_for(pipe, d / "config")
-    return d / "tiny-sd15.safetensors", d / "config"
+    return save_single_file(build_tiny_sd("sd15"), d / "tiny-sd15.safetensors", d / "config")
 
 
 @pytest.fixture

@@ -60,17 +60,13 @@ def test_lora_tag_parsing():
 
 
 def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
-    from safetensors.torch import save_file
-
     from lora_scripts.config import load_config
-    from lora_scripts.models.sd import build_tiny_sd, load_sd, save_config_folder_for
-    from lora_scripts.models.sd_convert import pipeline_to_original
+    from lora_scripts.models.sd import build_tiny_sd, load_sd, save_single_file
     from lora_scripts.train.sd import train_sd
 
-    pipe = build_tiny_sd("sdxl")  # saved as an original-layout single file, like sd_xl_base_1.0.safetensors
-    ckpt, cfg_dir = tmp_path / "tiny-sdxl.safetensors", tmp_path / "tiny-sdxl-config"
-    save_file(pipeline_to_original(pipe), ckpt)
-    save_config_folder_for(pipe, cfg_dir)
+    # saved as an original-layout single file, like sd_xl_base_1.0.safetensors
+    ckpt, cfg_dir = save_single_file(build_tiny_sd("sdxl"), tmp_path / "tiny-sdxl.safetensors",
+                                     tmp_path / "tiny-sdxl-config")
     cfg = load_config(None, [f"base_model={ckpt}", f"model_config_dir={cfg_dir}", f"train_data_dir={style_images}",
                              f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
                              "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-4", "save_precision=fp32",

@@ -115,19 +115,13 @@ def write_neon_images(folder: Path, n: int = 12, seed: int = 0) -> None:
 
 def run_image_demo(config: str | None = None, overrides: list[str] | None = None) -> int:
     """Build the tiny SD1.5 model and the synthetic images once, then train and generate with the LoRA."""
-    from safetensors.torch import save_file
-
     from lora_scripts.cli import main as cli_main
-    from lora_scripts.models.sd import build_tiny_sd, save_config_folder_for
-    from lora_scripts.models.sd_convert import pipeline_to_original
+    from lora_scripts.models.sd import build_tiny_sd, save_single_file
 
     cfg = load_config(config or IMAGE_CONFIG, overrides)
     ckpt = Path(cfg.base_model).expanduser()
     if not ckpt.exists():
-        pipe = build_tiny_sd("sd15", width=32)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        save_file(pipeline_to_original(pipe), str(ckpt))
-        save_config_folder_for(pipe, Path(cfg.model_config_dir).expanduser())
+        save_single_file(build_tiny_sd("sd15", width=32), ckpt, Path(cfg.model_config_dir).expanduser())
     if not Path(cfg.train_data_dir).exists():
         write_neon_images(Path(cfg.train_data_dir))
     args = ["train", "--config", str(config or IMAGE_CONFIG), *(overrides or [])]

@@ -153,6 +153,18 @@ def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cros
                                              requires_safety_checker=False)
 
 
+def save_single_file(pipe, checkpoint: Path, config_dir: Path) -> tuple[Path, Path]:
+    """`pipe` as an original-layout single-file checkpoint plus the config folder that loads it offline."""
+    from safetensors.torch import save_file
+
+    from lora_scripts.models.sd_convert import pipeline_to_original
+
+    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    save_file(pipeline_to_original(pipe), str(checkpoint))
+    save_config_folder_for(pipe, Path(config_dir))
+    return Path(checkpoint), Path(config_dir)
+
+
 def save_config_folder_for(pipe, folder: Path) -> Path:
     """A weightless config folder describing `pipe` (for from_single_file of a non-standard model)."""
     pipe.save_config(folder)

@@ -177,25 +177,37 @@ def write_kohya_file(lora: LoraSet, path: Path, dtype: torch.dtype | None = None
     return write_kohya(Path(path), tensors, {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")})
 
 
+def target_name(path: str) -> str:
+    """peft's target name of a module: its last path part, or the last two for `to_out.0`."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def peft_layout(modules: dict[str, LoraModule], short=lambda name: name) -> tuple[dict, dict]:
+    """peft tensors (`<name>.lora_A/B.weight`) and the config fields that reproduce every module's scale:
+    the most common rank and alpha, and rank_pattern / alpha_pattern for the others (keyed by `short`)."""
+    tensors, ranks, alphas = {}, {}, {}
+    for name, m in modules.items():
+        tensors[f"{name}.lora_A.weight"] = m.down.contiguous()
+        tensors[f"{name}.lora_B.weight"] = m.up.contiguous()
+        ranks[short(name)], alphas[short(name)] = m.rank, (m.alpha if m.alpha is not None else float(m.rank))
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    a = max(set(alphas.values()), key=list(alphas.values()).count)
+    fields = {"r": r, "lora_alpha": a, "target_modules": sorted({target_name(n) for n in ranks}),
+              "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+              "alpha_pattern": {k: v for k, v in alphas.items() if v != a}}
+    return tensors, fields
+
+
 def write_peft_folder(lora: LoraSet, folder: Path, base_config: dict | None = None) -> Path:
     """A PEFT adapter folder; one rank/alpha per file when they agree, else rank_pattern/alpha_pattern."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    ranks, alphas = {}, {}
-    for name, m in lora.modules.items():
-        tensors[f"{name}.lora_A.weight"] = m.down.contiguous()
-        tensors[f"{name}.lora_B.weight"] = m.up.contiguous()
-        short = name.split(".", 2)[-1] if name.startswith("base_model.model.") else name
-        ranks[short], alphas[short] = m.rank, (m.alpha if m.alpha is not None else float(m.rank))
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    a = max(set(alphas.values()), key=list(alphas.values()).count)
-    targets = sorted({n.rsplit(".", 1)[-1] for n in ranks})
+    tensors, fields = peft_layout(lora.modules, lambda n: n.split(".", 2)[-1] if n.startswith("base_model.model.") else n)
     config = dict(base_config or {})
     config.update({
-        "peft_type": "LORA", "task_type": config.get("task_type", "CAUSAL_LM"), "r": r, "lora_alpha": a,
-        "target_modules": targets, "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {k: v for k, v in alphas.items() if v != a}, "use_rslora": False, "use_dora": False,
+        "peft_type": "LORA", "task_type": config.get("task_type", "CAUSAL_LM"), **fields,
+        "use_rslora": False, "use_dora": False,
         "lora_dropout": config.get("lora_dropout", 0.0), "bias": "none",
     })
     save_file(tensors, str(folder / "adapter_model.safetensors"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.export.kohya import BASE_VERSION
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.tools.lora_file import (
     LoraFormatError,
@@ -93,6 +94,6 @@ def extract(base: str, tuned: str, rank: int, out: Path, config_dir: Path | None
     if not modules:
         raise LoraFormatError(f"{tuned} does not differ from {base} in any linear or conv layer")
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-            "ss_base_model_version": {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+            "ss_base_model_version": BASE_VERSION[family],
             "ss_output_name": Path(out).stem}
     return write_kohya_file(LoraSet(modules, "kohya", meta), Path(out)), report

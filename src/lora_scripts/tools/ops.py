@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.export.kohya import BASE_VERSION
 from lora_scripts.tools.lora_file import (
     LoraFormatError,
     LoraModule,
     LoraSet,
+    peft_layout,
     read_lora,
     write_kohya_file,
     write_peft_folder,
@@ -36,7 +38,7 @@ def to_kohya_names(lora: LoraSet, config_dir: Path | None = None) -> LoraSet:
             raise LoraFormatError(f"{name}: no such module in a {family} model; pass --model-config-dir for a "
                                   "non-standard architecture")
         modules[reverse[name]] = m
-    meta = {"ss_base_model_version": {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+    meta = {"ss_base_model_version": BASE_VERSION[family],
             "ss_network_module": "networks.lora"}
     return LoraSet(modules, "kohya", meta)
 
@@ -73,28 +75,13 @@ def write_diffusers_file(lora: LoraSet, folder: Path, config_dir: Path | None = 
     layers = to_diffusers_layers(lora, family, config_dir)
     kwargs = {}
     for comp, mods in layers.items():
-        tensors, ranks, alphas = {}, {}, {}
-        for path, m in mods.items():
-            tensors[f"{path}.lora_A.weight"] = m.down
-            tensors[f"{path}.lora_B.weight"] = m.up
-            ranks[path], alphas[path] = m.rank, (m.alpha if m.alpha is not None else float(m.rank))
-        r = max(set(ranks.values()), key=list(ranks.values()).count)
-        a = max(set(alphas.values()), key=list(alphas.values()).count)
-        meta = {"r": r, "lora_alpha": a, "target_modules": sorted({_target_name(p) for p in mods}),
-                "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-                "alpha_pattern": {p: v for p, v in alphas.items() if v != a}}
+        tensors, meta = peft_layout(mods)
         kwargs[f"{comp}_lora_layers"] = tensors
         kwargs[f"{comp}_lora_adapter_metadata"] = meta
     pipe_cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     Path(folder).mkdir(parents=True, exist_ok=True)
     pipe_cls.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
     return Path(folder) / "pytorch_lora_weights.safetensors"
-
-
-def _target_name(path: str) -> str:
-    """peft's target name of a module: its last path part, or the last two for `to_out.0`."""
-    parts = path.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def convert(src: str | Path, out: str | Path, to: str, config_dir: Path | None = None) -> Path:
