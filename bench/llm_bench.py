@@ -45,7 +45,7 @@ def run_ours(train_file: str, eval_file: str, steps: int, batch: int, out: str) 
     result = train_llm(cfg, progress=False)
     steps_ev = [e for e in result.events if e["event"] == "step"][STEPS_SKIPPED:]
     start = next(e for e in result.events if e["event"] == "start")
-    _, tok = load_llm("smollm2-135m-instruct")
+    tok = result.tokenizer
     held, _ = td.tokenize_all(tok, td.load_samples(Path(eval_file)), 512)
     return {
         "tokens": sum(e["tokens"] for e in steps_ev), "seconds": sum(e["seconds"] for e in steps_ev),

@@ -274,10 +274,13 @@ def collate_packed(items: list[Tokenized]) -> dict[str, torch.Tensor]:
 
     position_ids restart at 0 for every sample and no attention_mask is passed: transformers then builds a
     block-diagonal causal mask from the position resets, so no sample attends to another (tested in
-    tests/test_text_data.py against the samples run one by one).
+    tests/test_text_data.py against the samples run one by one). `cu_seq_lens_q` holds the sample
+    boundaries (0, len1, len1+len2, ...) for models/packed_attention.py, which attends within each
+    sample alone instead of through that mask; it stays on the CPU (see make_batch).
     """
-    ids, labels, pos = [], [], []
+    ids, labels, pos, bounds = [], [], [], [0]
     for t in items:
+        bounds.append(bounds[-1] + len(t))
         ids += t.input_ids
         # The first token of each sample has no prediction from its predecessor sample: the model shifts
         # labels left by one, so the label at a boundary would be the next sample's first token.
@@ -287,6 +290,7 @@ def collate_packed(items: list[Tokenized]) -> dict[str, torch.Tensor]:
         "input_ids": torch.tensor([ids]),
         "shift_labels": torch.tensor([labels]),
         "position_ids": torch.tensor([pos]),
+        "cu_seq_lens_q": torch.tensor(bounds),
     }
 
 

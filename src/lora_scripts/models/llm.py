@@ -111,3 +111,56 @@ def lora_config_for(cfg: TrainConfig, model: torch.nn.Module):
 
 def context_length(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def _frozen_linears_by_file_key(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Frozen Linear layers (a tied LM head excluded), keyed by their weight's name in the model files."""
+    embed = model.get_input_embeddings().weight
+    return {
+        # peft wraps an adapted layer as `<path>.base_layer` under `base_model.model.`
+        name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight": mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad and mod.weight is not embed
+    }
+
+
+def _file_keys(folder: Path) -> dict[str, Path]:
+    return {key: f for f in sorted(Path(folder).glob("*.safetensors")) for key in check_safetensors(f)
+            if key != "__metadata__"}
+
+
+def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype, folder: Path) -> bool:
+    """Keep frozen Linear weights in `dtype` (the autocast dtype) for training; False if it was not done.
+
+    Autocast runs these matmuls in `dtype` anyway, casting each fp32 weight afresh on every forward: a
+    copy of the whole model per step. Cast once, the results are bitwise the same (tested) and the
+    weights take half the memory. Embeddings, norms and a tied LM head stay fp32. Done only when every
+    cast weight can be read back exactly from `folder` by restore_frozen_linears.
+
+    The other tensors are copied into memory of their own: transformers maps the model file into memory
+    and those pages count against the process for as long as any tensor still points into the file.
+    """
+    layers = _frozen_linears_by_file_key(model)
+    if not layers or not layers.keys() <= _file_keys(folder).keys():
+        return False
+    cast = {id(mod.weight) for mod in layers.values()}
+    for mod in layers.values():
+        mod.weight.data = mod.weight.data.to(dtype)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in cast:
+            tensor.data = tensor.data.clone()
+    return True
+
+
+def restore_frozen_linears(model: torch.nn.Module, folder: Path) -> None:
+    """Undo store_frozen_linears_in: the exact fp32 weights, read back from the model files."""
+    from safetensors import safe_open
+
+    files = _file_keys(folder)
+    for key, mod in _frozen_linears_by_file_key(model).items():
+        if mod.weight.dtype == torch.float32:
+            continue
+        # One tensor per opening: the file is mapped only while this tensor is copied out of it, so the
+        # restore never holds the pages of the whole model on top of the weights it builds.
+        with safe_open(str(files[key]), framework="pt") as fh:
+            mod.weight.data = fh.get_tensor(key).to(torch.float32)

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
 from lora_scripts.llm_generate import generate_replies
-from lora_scripts.models.llm import context_length, load_llm, lora_config_for
+from lora_scripts.models import packed_attention
+from lora_scripts.models.llm import (
+    context_length,
+    load_llm,
+    lora_config_for,
+    resolve_llm_path,
+    restore_frozen_linears,
+    store_frozen_linears_in,
+)
 from lora_scripts.train.common import (
     TrainingInterrupted,
     TrainingRun,
@@ -46,7 +54,7 @@ class TrainResult:
     final_loss: float | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
-    model: object = None  # the trained PeftModel, for callers that go on using it in-process
+    model: object = None  # the trained PeftModel (fp32 base weights), for callers that go on using it in-process
     tokenizer: object = None
 
 
@@ -75,7 +83,8 @@ def supports_packing(model) -> bool:
 
 def make_batch(items: list[textdata.Tokenized], packed: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
     batch = textdata.collate_packed(items) if packed else textdata.collate_padded(items, pad_id)
-    return {k: v.to(device) for k, v in batch.items()}
+    # sample boundaries are read as Python ints by the attention function: on the CPU they cost no sync
+    return {k: v if k == "cu_seq_lens_q" else v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -132,6 +141,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             events.emit("warning", message=f"{stats.truncated} of {stats.samples} samples were longer than "
                         f"max_seq_length={cfg.max_seq_length} tokens and were truncated")
         packed = supports_packing(model)
+        if packed:  # attend within each packed sample alone rather than through a whole-row mask
+            model.set_attn_implementation(packed_attention.register())
         pad_id = tokenizer.pad_token_id
 
         plan = plan_steps(len(train_data), cfg, world)
@@ -147,6 +158,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config_for(cfg, model))
+        low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
+        cast_frozen = low_precision is not None and store_frozen_linears_in(model, low_precision, weights_folder)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, [{"params": params}])
         scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -257,6 +271,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         accelerator.wait_for_everyone()
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        if cast_frozen:
+            restore_frozen_linears(plain, weights_folder)
         return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
 
 

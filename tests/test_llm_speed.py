@@ -1,0 +1,111 @@
+"""The LLM speed work must not change the numbers: packed attention and bf16 frozen weights."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_scripts.data import text as td
+from lora_scripts.models import packed_attention
+from lora_scripts.models.llm import restore_frozen_linears, store_frozen_linears_in
+from lora_scripts.train.llm import causal_lm_loss, make_batch
+
+
+def packed_items(tok, lengths_in_words=(3, 40, 9)):
+    samples = [td.Sample(messages=[{"role": "user", "content": " ".join(["word"] * n)},
+                                   {"role": "assistant", "content": f"Reply with {n} words."}])
+               for n in lengths_in_words]
+    return [td.tokenize_sample(tok, s, 512) for s in samples]
+
+
+def logits_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
+    logits = model(**inputs, use_cache=False).logits
+    (logits.float().square().mean()).backward()
+    return logits.detach().float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_packed_attention_equals_the_block_diagonal_mask(tiny_llama):
+    """Same logits and gradients as transformers' masked SDPA over the packed row (GQA model: 4 heads, 2 kv)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    batch = make_batch(packed_items(tok), True, tok.pad_token_id, "cpu")
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    masked, masked_grads = logits_and_grads(model, batch)
+    model.set_attn_implementation(packed_attention.register())
+    ours, our_grads = logits_and_grads(model, batch)
+    torch.testing.assert_close(ours, masked, atol=1e-5, rtol=1e-5)
+    assert len(our_grads) == len(masked_grads)
+    for a, b in zip(our_grads, masked_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    # a padded batch (no boundaries) goes through transformers' own SDPA path unchanged
+    padded = make_batch(packed_items(tok), False, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ours_padded = model(**{k: v for k, v in padded.items() if k != "shift_labels"}).logits
+        model.set_attn_implementation("sdpa")
+        theirs_padded = model(**{k: v for k, v in padded.items() if k != "shift_labels"}).logits
+    assert torch.equal(ours_padded, theirs_padded)
+
+
+def test_packed_attention_under_bf16_autocast_is_no_less_accurate(tiny_llama):
+    """On the CPU short samples attend in fp32 (faster there); long ones in bf16 like the masked path. Either
+    way the result must be at least as close to an fp32 forward as transformers' masked bf16 path."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    for words in [(3, 40, 9), (5, packed_attention.CPU_FP32_UP_TO + 40)]:
+        batch = make_batch(packed_items(tok, words), True, tok.pad_token_id, "cpu")
+        inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            reference = model(**inputs, use_cache=False).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                masked = model(**inputs, use_cache=False).logits.float()
+                model.set_attn_implementation(packed_attention.register())
+                ours = model(**inputs, use_cache=False).logits.float()
+        err_ours, err_masked = (ours - reference).abs().mean(), (masked - reference).abs().mean()
+        assert err_ours <= err_masked * 1.1 + 1e-6, (words, float(err_ours), float(err_masked))
+
+
+def test_frozen_linears_stored_in_bf16_give_bitwise_the_same_step(tiny_llama, pairs_csv):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.set_attn_implementation(packed_attention.register())
+    model.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():  # non-zero B, so every LoRA tensor gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    items = [td.tokenize_sample(tok, s, 256) for s in td.load_samples(pairs_csv)[:4]]
+    batch = make_batch(items, True, tok.pad_token_id, "cpu")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss_before, grads_before = step()
+    fp32 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert store_frozen_linears_in(model, torch.bfloat16, tiny_llama)
+    loss_after, grads_after = step()
+    cast = [k for k, v in model.state_dict().items() if v.dtype == torch.bfloat16]
+    assert len(cast) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); the tied LM head is the embedding
+    assert torch.equal(loss_before, loss_after)
+    assert all(torch.equal(a, b) for a, b in zip(grads_before, grads_after))
+    base = model.base_model.model
+    assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+    restore_frozen_linears(model, tiny_llama)  # exactly the fp32 weights that were loaded
+    restored = model.state_dict()
+    assert restored.keys() == fp32.keys() and all(torch.equal(restored[k], fp32[k]) for k in fp32)
+
+    # a folder whose files do not hold every weight under the expected name: not cast, left as it was
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama).requires_grad_(False),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not store_frozen_linears_in(other, torch.bfloat16, tiny_llama.parent)
+    assert all(v.dtype == torch.float32 for v in other.state_dict().values())
