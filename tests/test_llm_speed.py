@@ -91,18 +91,20 @@ def test_frozen_linears_stored_in_bf16_give_bitwise_the_same_step(tiny_llama, pa
     assert store_frozen_linears_in(model, torch.bfloat16, tiny_llama)
     loss_after, grads_after = step()
     cast = [k for k, v in model.state_dict().items() if v.dtype == torch.bfloat16]
-    assert len(cast) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); the tied LM head is the embedding
+    assert len(cast) == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + a copy of the tied LM head
     assert torch.equal(loss_before, loss_after)
     assert all(torch.equal(a, b) for a, b in zip(grads_before, grads_after))
     base = model.base_model.model
     assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert base.get_input_embeddings().weight.dtype == torch.float32
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
     restore_frozen_linears(model, tiny_llama)  # exactly the fp32 weights that were loaded
     restored = model.state_dict()
     assert restored.keys() == fp32.keys() and all(torch.equal(restored[k], fp32[k]) for k in fp32)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied again
 
     # a folder whose files do not hold every weight under the expected name: not cast, left as it was
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama).requires_grad_(False),

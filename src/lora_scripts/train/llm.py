@@ -54,8 +54,21 @@ class TrainResult:
     final_loss: float | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
-    model: object = None  # the trained PeftModel (fp32 base weights), for callers that go on using it in-process
+    trained_model: object = None  # as trained: after mixed precision its frozen linears are bf16/fp16
     tokenizer: object = None
+    weights_folder: Path | None = None  # where restore_frozen_linears reads the exact fp32 weights back
+
+    @property
+    def model(self):
+        """The trained PeftModel with its fp32 base weights, for callers that go on using it in-process.
+
+        Read back from the model files on first use when training kept the frozen weights in bf16/fp16:
+        a run from the command line never pays for it (time, and ~2x the weights' memory).
+        """
+        if self.weights_folder is not None:
+            restore_frozen_linears(self.trained_model, self.weights_folder)
+            self.weights_folder = None
+        return self.trained_model
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -271,9 +284,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         accelerator.wait_for_everyone()
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        if cast_frozen:
-            restore_frozen_linears(plain, weights_folder)
-        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer)
+        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer,
+                           weights_folder if cast_frozen else None)
 
 
 def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:
