@@ -72,7 +72,8 @@ def median(runs: list[dict], key) -> float:
 
 
 def main() -> int:
-    steps_llm, steps_sd, reps = int(os.environ.get("BENCH_LLM_STEPS", 12)), int(os.environ.get("BENCH_SD_STEPS", 12)), 2
+    steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 12)), int(os.environ.get("BENCH_SD_STEPS", 12))
+    reps = int(os.environ.get("BENCH_REPS", 3))  # A B A B A B: medians of 3 hold against this machine's ±15% drift
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     demo_train, demo_eval = REPO / "data/demo_llm_style/train.csv", REPO / "data/demo_llm_style/eval.csv"
     varied = write_varied(work / "varied.csv")

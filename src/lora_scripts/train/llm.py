@@ -173,7 +173,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         model = get_peft_model(model, lora_config_for(cfg, model))
         low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
-        cast_frozen = low_precision is not None and store_frozen_linears_in(model, low_precision, weights_folder)
+        # not for DoRA: it reads the base weight itself (its column norms), which must stay exact
+        cast_frozen = (low_precision is not None and cfg.lora_type != "dora"
+                       and store_frozen_linears_in(model, low_precision, weights_folder))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, [{"params": params}])
         scheduler = build_scheduler(cfg, optimizer, total_steps)
