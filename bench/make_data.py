@@ -21,3 +21,24 @@ def write_varied(path: Path, n: int = 128, seed: int = 0) -> Path:
         for _ in range(n):
             w.writerow([sentence(rng, rng.randint(4, 40)), " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 14)))])
     return path
+
+
+def write_photo_sized(src: Path, dst: Path, scale: int = 4) -> Path:
+    """The same pictures at camera-like sizes (1024-1536 px JPEGs), as users usually hand them over.
+
+    A loop that decodes and resizes every image at every step pays for their size; a latent cache does not.
+    """
+    from PIL import Image
+
+    dst.mkdir(parents=True, exist_ok=True)
+    rows = (src / "metadata.csv").read_text().splitlines()
+    out = [rows[0]]
+    for row in rows[1:]:
+        name, caption = row.split(",", 1)
+        img = Image.open(src / name).convert("RGB")
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.LANCZOS)
+        jpg = Path(name).with_suffix(".jpg").name
+        img.save(dst / jpg, quality=92)
+        out.append(f"{jpg},{caption}")
+    (dst / "metadata.csv").write_text("\n".join(out) + "\n")
+    return dst

@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from make_data import write_varied  # noqa: E402
+from make_data import write_photo_sized, write_varied  # noqa: E402
 
 # SmolLM2-135M: 30 layers x (q,o 576x576; k,v 576x192; gate/up/down 576x1536): weights in matmuls
 SMOL_BODY_PARAMS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
@@ -102,14 +102,16 @@ def main() -> int:
 
     images = work / "neon"
     write_neon_images(images, n=12)
-    runs = {"ours": [], "baseline": []}
-    os.environ["LORA_SCRIPTS_CACHE"] = str(work / "cache")  # a cold latent cache for the first run
-    for rep in range(reps):
-        for impl in ("ours", "baseline"):
-            r = run("sd_bench.py", impl, str(model_dir), str(images), str(steps_sd), str(work / f"sd-{impl}{rep}"))
-            runs[impl].append(r)
-            print(f"  sd {impl} #{rep + 1}: {r['images'] / r['seconds']:.2f} images/s ({r['cache']})", flush=True)
-    results["sd"] = runs
+    sources = {"small": images, "photo": write_photo_sized(images, work / "photos")}
+    for name, folder in sources.items():  # 256-384 px sources, then the same pictures at 1024-1536 px
+        runs = {"ours": [], "baseline": []}
+        os.environ["LORA_SCRIPTS_CACHE"] = str(work / f"cache-{name}")  # a cold latent cache for the first run
+        for rep in range(reps):
+            for impl in ("ours", "baseline"):
+                r = run("sd_bench.py", impl, str(model_dir), str(folder), str(steps_sd), str(work / f"sd-{impl}{rep}"))
+                runs[impl].append(r)
+                print(f"  sd/{name} {impl} #{rep + 1}: {r['images'] / r['seconds']:.2f} images/s ({r['cache']})", flush=True)
+        results["sd"][name] = runs
     report(results, steps_llm, steps_sd)
     return 0
 
@@ -137,17 +139,15 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
         rows.append((f"LLM {name}: eval loss", median(o, lambda r: r["eval_loss"]), median(b, lambda r: r["eval_loss"])))
         mfu_o, mfu_b = 4 * SMOL_BODY_PARAMS * tps_o / peak, 4 * SMOL_BODY_PARAMS * tps_b / peak
         rows.append((f"LLM {name}: MFU vs bf16 matmul peak", mfu_o, mfu_b))
-    sd = results["sd"] or {"ours": [], "baseline": []}
-    o, b = sd["ours"], sd["baseline"]
-    if o:
-        rows += sd_rows(o, b, steps_sd)
+    for name, runs in results["sd"].items():
+        rows += sd_rows(name, runs["ours"], runs["baseline"], steps_sd)
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}} | {'ours':>10} | {'baseline':>10} | ours/baseline", "-" * (width + 44)]
     for label, a, bb in rows:
         ratio = f"{a / bb:.2f}x" if bb else "-"
         lines.append(f"{label:<{width}} | {a:>10.4g} | {bb:>10.4g} | {ratio}")
-    if o:
-        lines.append(f"SD cache (first run): {o[0]['cache']}")
+    for name, runs in results["sd"].items():
+        lines.append(f"SD {name} sources, cache in the first run: {runs['ours'][0]['cache']}")
     lines.append(f"MFU = 4 x {SMOL_BODY_PARAMS / 1e6:.1f}M matmul weights x trained tokens/s / measured bf16 peak "
                  "(forward 2N + input-gradient backward 2N per token; LM head and attention scores not counted)")
     table = "\n".join(lines)
@@ -161,14 +161,14 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
     plot(rows, out / f"{stem}.png")
 
 
-def sd_rows(o: list[dict], b: list[dict], steps_sd: int) -> list[tuple]:
+def sd_rows(name: str, o: list[dict], b: list[dict], steps_sd: int) -> list[tuple]:
     rows = []
-    rows.append(("SD: images/s (after the cache is built)", median(o, lambda r: r["images"] / r["seconds"]),
+    rows.append((f"SD {name}: images/s (after the cache is built)", median(o, lambda r: r["images"] / r["seconds"]),
                  median(b, lambda r: r["images"] / r["seconds"])))
-    rows.append(("SD: s / step", median(o, lambda r: statistics.median(r["step_seconds"])),
+    rows.append((f"SD {name}: s / step", median(o, lambda r: statistics.median(r["step_seconds"])),
                  median(b, lambda r: statistics.median(r["step_seconds"]))))
-    rows.append(("SD: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
-    rows.append((f"SD: loss (mean of last 4 of {steps_sd} steps)", median(o, lambda r: r["final_loss"]),
+    rows.append((f"SD {name}: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
+    rows.append((f"SD {name}: loss (mean of last 4 of {steps_sd} steps)", median(o, lambda r: r["final_loss"]),
                  median(b, lambda r: r["final_loss"])))
     return rows
 
