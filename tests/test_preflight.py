@@ -130,3 +130,23 @@ def test_unreadable_output_dir(tmp_path, pairs_csv, tiny_llama):
     report = run_preflight(load_config(None, [f"base_model={tiny_llama}", f"metadata_path={pairs_csv}",
                                               f"output_dir={blocker / 'sub'}"]))
     assert has(report.errors, "cannot write there")
+
+
+def test_time_estimate_follows_the_length_of_the_samples(tmp_path, tiny_llama):
+    """The estimate counts the data's own tokens (packed: no padding), not a fixed length per sample."""
+    import re
+
+    from conftest import write_pairs_csv
+
+    def estimate_seconds(reply_words: int) -> float:
+        pairs = [(f"question {i}?", " ".join(["word"] * reply_words)) for i in range(60)]
+        data = write_pairs_csv(tmp_path / f"pairs{reply_words}.csv", pairs)
+        cfg = load_config(None, [f"base_model={tiny_llama}", f"metadata_path={data}",
+                                 f"output_dir={tmp_path / 'out'}", "epochs=2", "mixed_precision=bf16"])
+        report = run_preflight(cfg)
+        assert any(re.match(r"rough estimate on \w+: \d+ (s|min) of training steps", f.message) for f in report.findings)
+        return report.estimated_seconds
+
+    short, long = estimate_seconds(10), estimate_seconds(200)
+    # 4 characters per token, plus ~35 for the chat template's headers: ~15 + 35 vs ~250 + 35 tokens a sample
+    assert 5 < long / short < 10, (short, long)

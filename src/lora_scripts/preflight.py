@@ -19,8 +19,11 @@ from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
 from lora_scripts.train.common import plan_steps
 
 SWEET_SPOT = (50, 200)
-# Rough effective throughput of a LoRA training step (FLOP/s), used only for the time estimate.
-EFFECTIVE_FLOPS = {"cpu": 1.2e11, "cuda": 6e13}
+# Effective throughput of a LoRA training step (FLOP/s, counted as 4 x parameters x tokens), used only for
+# the time estimate. CPU bf16: the demo measured on 2 cores with bf16 units (2.5 min of training for an
+# estimate of 2); fp32 is ~1.4x slower there. CUDA: a rough figure, not measured here.
+EFFECTIVE_FLOPS = {("cpu", True): 2.5e11, ("cpu", False): 1.8e11, ("cuda", True): 6e13, ("cuda", False): 3e13}
+CHAT_TEMPLATE_TOKENS = 35  # role headers and end-of-turn tokens a chat template adds to each sample
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     n_samples: int = 0
     n_images: int = 0
+    tokens_per_sample: float | None = None  # LLM data: estimated from the characters
+    estimated_seconds: float | None = None  # of training steps, from the rough FLOP model below
 
     def error(self, msg: str) -> None:
         self.findings.append(Finding("error", msg))
@@ -135,6 +140,9 @@ def check_llm_data(cfg: TrainConfig, report: Report) -> int:
     n_train = len(textdata.split_eval(samples, cfg.val_ratio, cfg.seed)[0]) if cfg.eval_data_path is None else len(samples)
     chars = sum(len(s.text or "".join(m["content"] for m in s.messages or [])) for s in samples)
     report.info(f"about {chars // 4:,} tokens in all (4 characters per token)")
+    if samples:
+        chat = any(s.messages for s in samples)
+        report.tokens_per_sample = chars / 4 / len(samples) + (CHAT_TEMPLATE_TOKENS if chat else 0)
     return n_train
 
 
@@ -226,26 +234,28 @@ def run_preflight(cfg: TrainConfig) -> Report:
     if cfg.save_steps > plan.total_steps:
         report.warn(f"save_steps={cfg.save_steps} is larger than the {plan.total_steps} total steps: only the final "
                     "checkpoint will be written")
-    report.info(_estimate(cfg, model_type, n, plan.total_steps))
+    report.info(_estimate(cfg, model_type, plan.total_steps, report))
     return report
 
 
-def _estimate(cfg: TrainConfig, model_type: str, n: int, total_steps: int) -> str:
-    """A rough time and memory estimate from the model's size on disk (labelled as rough)."""
+def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Report) -> str:
+    """A rough time and memory estimate from the model's size on disk and the data (labelled as rough)."""
     size = _model_bytes(cfg.base_model)
     if not size:
         return "time estimate: unknown model size"
     params = size / 4 if size > 0 else 0  # fp32 on disk for most bases; fp16 files are under-estimated 2x
     device = _device()
     if model_type == "llm":
-        tokens = min(cfg.max_seq_length, 256) * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps
+        per_sample = min(cfg.max_seq_length, report.tokens_per_sample or 256)  # packed: no padding to pay for
+        tokens = per_sample * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps
         flops = 4 * params * tokens  # frozen weights: forward 2N + input-gradient backward 2N per token
     else:
         latents = (cfg.resolution // 8) ** 2
         flops = 4 * params * latents * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps / 16
-    seconds = flops / EFFECTIVE_FLOPS[device]
+    seconds = report.estimated_seconds = flops / EFFECTIVE_FLOPS[(device, cfg.mixed_precision != "no")]
     mem_gb = params * 4 / 1e9 * (1.5 if cfg.mixed_precision == "no" else 1.2) + 1.5
-    return f"rough estimate on {device}: {seconds / 60:.0f} min of training, ~{mem_gb:.1f} GB of memory"
+    took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return f"rough estimate on {device}: {took} of training steps (eval and samples extra), ~{mem_gb:.1f} GB of memory"
 
 
 def _model_bytes(base_model: str) -> int:
