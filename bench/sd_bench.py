@@ -39,7 +39,8 @@ def build_mid_sd(folder: Path) -> Path:
                                       vocab_size=49408, max_position_embeddings=77, projection_dim=192))
     write_config_folder({}, TOKENIZERS["sd15"], folder / "tok")
     tok = CLIPTokenizer.from_pretrained(folder / "tok" / "tokenizer")
-    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    clip_sample=False, steps_offset=1)  # as SD1.5 ships it: no deprecation noise
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)

@@ -66,3 +66,11 @@ def test_generate_answers_prompts_with_a_weighted_adapter(tiny_llama, pairs_csv,
     assert text.count(">>> ") == 2 and ">>> second question" in text
     assert main(["generate", "--base", str(tiny_llama), "--lora", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_demo_outside_the_project_folder_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["demo"], ["demo", "--images"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "config file not found" in err and "run it from there (as `make demo` does), or pass --config" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import subprocess
@@ -288,9 +289,15 @@ def add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> int:
+    from lora_scripts.config import ConfigError
     from lora_scripts.demo import run_demo, run_image_demo
 
-    return (run_image_demo if args.images else run_demo)(args.config, args.overrides)
+    try:
+        return (run_image_demo if args.images else run_demo)(args.config, args.overrides)
+    except ConfigError as exc:
+        hint = ("" if args.config else "\nthe demo's config and data live in the lora-scripts folder: run it from "
+                "there (as `make demo` does), or pass --config")
+        return _fail(f"{exc}{hint}")
 
 
 def add_label(p: argparse.ArgumentParser) -> None:
@@ -497,7 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """transformers warns on every CLIP/SigLIP processor load that torchvision is missing and it uses the PIL
+    processor instead. The PIL processor is the intended path here (torchvision does not work with the CPU
+    torch build), so the notice only alarms users; every other warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())
     args = build_parser().parse_args(argv)
     if args.command in ("inspect", "convert", "merge", "combine", "resize", "extract"):
         from lora_scripts.safety import UnsafeFileError
