@@ -23,6 +23,18 @@ def write_varied(path: Path, n: int = 128, seed: int = 0) -> Path:
     return path
 
 
+def write_long(path: Path, n: int = 96, seed: int = 1) -> Path:
+    """Long replies (20-40 sentences, ~300-500 tokens): the seq-512 case of the GPU profile."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "response"])
+        for _ in range(n):
+            w.writerow([sentence(rng, rng.randint(8, 40)), " ".join(sentence(rng, 12) for _ in range(rng.randint(20, 40)))])
+    return path
+
+
 def write_photo_sized(src: Path, dst: Path, scale: int = 4) -> Path:
     """The same pictures at camera-like sizes (1024-1536 px JPEGs), as users usually hand them over.
 

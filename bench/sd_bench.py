@@ -18,6 +18,12 @@ import torch
 import torch.nn.functional as F
 
 STEPS_SKIPPED = 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":  # GPU work is asynchronous: a step is over when the device says so
+        torch.cuda.synchronize()
 
 
 def build_mid_sd(folder: Path) -> Path:
@@ -47,13 +53,38 @@ def build_mid_sd(folder: Path) -> Path:
     return folder
 
 
-def run_ours(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
+def build_full_sd15(folder: Path) -> Path:
+    """SD1.5's exact architecture (UNet 860M, VAE, CLIP-L) with random weights, from the shipped configs."""
+    import json
+
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_scripts.models.sd_configs import config_folder
+
+    if (folder / "model_index.json").exists():
+        return folder
+    src = config_folder("sd15")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(json.loads((src / "unet/config.json").read_text()))
+    vae = diffusers.AutoencoderKL.from_config(json.loads((src / "vae/config.json").read_text()))
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(src / "text_encoder"))
+    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    clip_sample=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(src / "tokenizer"),
+                                             unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:
     from lora_scripts.config import load_config
     from lora_scripts.train.sd import train_sd
 
     cfg = load_config(None, [
         f"base_model={model_dir}", "model_type=sd15", f"train_data_dir={data_dir}", f"output_dir={out}",
-        "resolution=256", "batch_size=4", f"max_train_steps={steps}", "learning_rate=1e-4", "mixed_precision=bf16",
+        f"resolution={resolution}", "batch_size=4", f"max_train_steps={steps}", "learning_rate=1e-4", "mixed_precision=bf16",
         "lora_rank=8", "lora_alpha=8", "repeats=10", "save_steps=100000", "sample_every_n_epochs=null",
     ])
     t0 = time.perf_counter()
@@ -66,7 +97,7 @@ def run_ours(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
             "cache": cache, "wall_seconds": total}
 
 
-def run_baseline(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
+def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:
     import numpy as np
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
@@ -74,7 +105,7 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
 
     from lora_scripts.data.images import load_captioned_images
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None).to(DEVICE)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, te):
         m.requires_grad_(False)
@@ -86,12 +117,13 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
     items = load_captioned_images(Path(data_dir))
     torch.manual_seed(0)
 
-    def load(path):  # the example: resize the short side to 256, centre crop, normalise
+    def load(path):  # the example: resize the short side to the resolution, centre crop, normalise
         img = Image.open(path).convert("RGB")
-        s = 256 / min(img.size)
-        img = img.resize((max(256, round(img.width * s)), max(256, round(img.height * s))), Image.Resampling.BILINEAR)
-        left, top = (img.width - 256) // 2, (img.height - 256) // 2
-        arr = np.asarray(img.crop((left, top, left + 256, top + 256)), dtype=np.float32) / 127.5 - 1
+        r = resolution
+        s = r / min(img.size)
+        img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling.BILINEAR)
+        left, top = (img.width - r) // 2, (img.height - r) // 2
+        arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.float32) / 127.5 - 1
         return torch.from_numpy(arr).permute(2, 0, 1)
 
     times, losses, images = [], [], 0
@@ -99,21 +131,22 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
     for step in range(steps):
         batch = [items[(step * 4 + i) % len(items)] for i in range(4)]
         t0 = time.perf_counter()
-        pixels = torch.stack([load(it.path) for it in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        pixels = torch.stack([load(it.path) for it in batch]).to(DEVICE)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 ids = tok([it.caption for it in batch], padding="max_length", max_length=77, truncation=True,
-                          return_tensors="pt").input_ids
+                          return_tensors="pt").input_ids.to(DEVICE)
                 hidden = te(ids)[0]
             noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (4,))
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (4,), device=DEVICE)
             pred = unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
         images += 4
@@ -123,8 +156,10 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str) -> dict:
 
 
 if __name__ == "__main__":
-    which, model_dir, data_dir, steps, out = sys.argv[1:6]
+    which, model_dir, data_dir, steps, out, resolution = sys.argv[1:7]
     fn = run_ours if which == "ours" else run_baseline
-    res = fn(model_dir, data_dir, int(steps), out)
+    res = fn(model_dir, data_dir, int(steps), out, int(resolution))
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if DEVICE == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res))
