@@ -111,3 +111,54 @@ def test_frozen_linears_stored_in_bf16_give_bitwise_the_same_step(tiny_llama, pa
                            LoraConfig(r=4, target_modules=["q_proj"]))
     assert not store_frozen_linears_in(other, torch.bfloat16, tiny_llama.parent)
     assert all(v.dtype == torch.float32 for v in other.state_dict().values())
+
+
+def test_chunked_cross_entropy_equals_the_full_logits_path(monkeypatch):
+    """Loss and both gradients as F.cross_entropy over full fp32 logits, across chunk boundaries."""
+    from lora_scripts.train import chunked_ce
+
+    monkeypatch.setattr(chunked_ce, "CHUNK", 7)  # 23 tokens: three full chunks and a partial one
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (23,))
+    target[[0, 5, 13]] = td.IGNORE_INDEX
+
+    ours = chunked_ce.linear_cross_entropy(hidden, weight, target)
+    ours.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    theirs = torch.nn.functional.cross_entropy(hidden @ weight.T, target, ignore_index=td.IGNORE_INDEX, reduction="sum")
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=1e-6)  # accumulated in fp32
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_lm_loss_without_logits_matches_the_logits_path(tiny_llama, pairs_csv, monkeypatch):
+    """The LM head left out of the forward (chunked loss) gives the loss and gradients of the usual path,
+    in fp32 and under bf16 autocast, and the model gets its head back."""
+    from lora_scripts.train import llm as llm_train
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    head = model.get_output_embeddings()
+    items = [td.tokenize_sample(tok, s, 256) for s in td.load_samples(pairs_csv)[:4]]
+    batch = make_batch(items, True, tok.pad_token_id, "cpu")
+
+    def loss_and_grads(chunked: bool, autocast: bool):
+        monkeypatch.setattr(llm_train, "PLAIN_HEAD_ARCHITECTURES", {"llama"} if chunked else set())
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for autocast, tol in ((False, 1e-5), (True, 2e-3)):
+        ref_loss, ref_n, ref_grads = loss_and_grads(False, autocast)
+        loss, n, grads = loss_and_grads(True, autocast)
+        assert n == ref_n and model.get_output_embeddings() is head
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        assert len(grads) == len(ref_grads)
+        for g, r in zip(grads, ref_grads):
+            assert float((g - r).norm() / r.norm().clamp_min(1e-12)) < tol

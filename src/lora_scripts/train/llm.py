@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from lora_scripts.models.llm import (
     restore_frozen_linears,
     store_frozen_linears_in,
 )
+from lora_scripts.train.chunked_ce import linear_cross_entropy
 from lora_scripts.train.common import (
     TrainingInterrupted,
     TrainingRun,
@@ -71,20 +72,46 @@ class TrainResult:
         return self.trained_model
 
 
+# Causal LMs whose logits are exactly lm_head(final hidden state): no bias, scaling or soft-capping after the
+# head (Gemma2's soft-capping, Granite's and Cohere's logit scaling are left to transformers).
+PLAIN_HEAD_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "starcoder2", "olmo", "olmo2"}
+
+
+@contextmanager
+def head_left_out(model):
+    """Let the model return the hidden states its LM head would see instead of logits (for chunked_ce)."""
+    core = getattr(model, "module", model)  # under DDP the model is wrapped
+    head = core.get_output_embeddings()
+    core.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        core.set_output_embeddings(head)
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over labelled tokens, and their count.
 
     Only positions that carry a label go through the LM head (`logits_to_keep`): the vocabulary
-    projection is a large share of a small model's compute, and prompt tokens need no logits.
+    projection is a large share of a small model's compute, and prompt tokens need no logits. Where the
+    head is a plain projection, the loss is taken chunk by chunk without materialising the logits
+    (train/chunked_ce.py: the same numbers within 1e-5, tested).
     """
     labels = batch["shift_labels"]  # (B, T), already shifted: labels[:, t] is the token after t
     keep = (labels != textdata.IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,)
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     target = labels[:, keep]
+    count = int((target != textdata.IGNORE_INDEX).sum())
+    core = getattr(model, "module", model)
+    head = core.get_output_embeddings()
+    if getattr(core.config, "model_type", "") in PLAIN_HEAD_ARCHITECTURES and getattr(head, "bias", None) is None:
+        with head_left_out(model) as head:
+            hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, hidden size)
+        return linear_cross_entropy(hidden, head.weight, target) / max(count, 1), count
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=textdata.IGNORE_INDEX)
-    return loss, int((target != textdata.IGNORE_INDEX).sum())
+    return loss, count
 
 
 def supports_packing(model) -> bool:
