@@ -12,27 +12,26 @@ def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-def write_varied(path: Path, n: int = 128, seed: int = 0) -> Path:
+def write_pairs(path: Path, n: int, seed: int, prompt_words: tuple[int, int], reply_sentences: tuple[int, int]) -> Path:
+    """`n` prompt,response rows: prompts of `prompt_words` words, replies of `reply_sentences` 12-word sentences."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["prompt", "response"])
         for _ in range(n):
-            w.writerow([sentence(rng, rng.randint(4, 40)), " ".join(sentence(rng, 12) for _ in range(rng.randint(1, 14)))])
+            w.writerow([sentence(rng, rng.randint(*prompt_words)),
+                        " ".join(sentence(rng, 12) for _ in range(rng.randint(*reply_sentences)))])
     return path
 
 
-def write_long(path: Path, n: int = 96, seed: int = 1) -> Path:
+def write_varied(path: Path) -> Path:
+    return write_pairs(path, n=128, seed=0, prompt_words=(4, 40), reply_sentences=(1, 14))
+
+
+def write_long(path: Path) -> Path:
     """Long replies (20-40 sentences, ~300-500 tokens): the seq-512 case of the GPU profile."""
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["prompt", "response"])
-        for _ in range(n):
-            w.writerow([sentence(rng, rng.randint(8, 40)), " ".join(sentence(rng, 12) for _ in range(rng.randint(20, 40)))])
-    return path
+    return write_pairs(path, n=96, seed=1, prompt_words=(8, 40), reply_sentences=(20, 40))
 
 
 def write_photo_sized(src: Path, dst: Path, scale: int = 4) -> Path:

@@ -149,18 +149,12 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
     for name, runs in results["llm"].items():
         o, b = runs["ours"], runs["trainer"]
         tps_o, tps_b = median(o, lambda r: r["tokens"] / r["seconds"]), median(b, lambda r: r["tokens"] / r["seconds"])
-        sps_o, sps_b = median(o, lambda r: statistics.median(r["step_seconds"])), median(b, lambda r: statistics.median(r["step_seconds"]))
         rows.append((f"LLM {name}: trained tokens/s", tps_o, tps_b))
-        rows.append((f"LLM {name}: s / optimizer step", sps_o, sps_b))
-        rows.append((f"LLM {name}: padding fraction", median(o, lambda r: r["padding_fraction"]),
-                     median(b, lambda r: r["padding_fraction"])))
-        rows.append((f"LLM {name}: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
-        if "peak_gpu_mb" in o[0]:
-            rows.append((f"LLM {name}: peak GPU memory (MB)", median(o, lambda r: r["peak_gpu_mb"]),
-                         median(b, lambda r: r["peak_gpu_mb"])))
-        rows.append((f"LLM {name}: final train loss", median(o, lambda r: r["final_train_loss"]),
-                     median(b, lambda r: r["final_train_loss"])))
-        rows.append((f"LLM {name}: eval loss", median(o, lambda r: r["eval_loss"]), median(b, lambda r: r["eval_loss"])))
+        rows.append(paired(f"LLM {name}: s / optimizer step", o, b, lambda r: statistics.median(r["step_seconds"])))
+        rows.append(paired(f"LLM {name}: padding fraction", o, b, lambda r: r["padding_fraction"]))
+        rows += memory_rows(f"LLM {name}", o, b)
+        rows.append(paired(f"LLM {name}: final train loss", o, b, lambda r: r["final_train_loss"]))
+        rows.append(paired(f"LLM {name}: eval loss", o, b, lambda r: r["eval_loss"]))
         mfu_o, mfu_b = 4 * SMOL_BODY_PARAMS * tps_o / peak, 4 * SMOL_BODY_PARAMS * tps_b / peak
         rows.append((f"LLM {name}: MFU vs bf16 matmul peak", mfu_o, mfu_b))
     for name, runs in results["sd"].items():
@@ -187,19 +181,25 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
     plot(rows, out / f"{stem}.png")
 
 
-def sd_rows(name: str, o: list[dict], b: list[dict], steps_sd: int) -> list[tuple]:
-    rows = []
-    rows.append((f"SD {name}: images/s (after the cache is built)", median(o, lambda r: r["images"] / r["seconds"]),
-                 median(b, lambda r: r["images"] / r["seconds"])))
-    rows.append((f"SD {name}: s / step", median(o, lambda r: statistics.median(r["step_seconds"])),
-                 median(b, lambda r: statistics.median(r["step_seconds"]))))
-    rows.append((f"SD {name}: peak RSS (MB)", median(o, lambda r: r["peak_rss_mb"]), median(b, lambda r: r["peak_rss_mb"])))
+def paired(label: str, o: list[dict], b: list[dict], key) -> tuple[str, float, float]:
+    """A table row: the median of `key` over our runs and over the baseline's."""
+    return label, median(o, key), median(b, key)
+
+
+def memory_rows(prefix: str, o: list[dict], b: list[dict]) -> list[tuple]:
+    rows = [paired(f"{prefix}: peak RSS (MB)", o, b, lambda r: r["peak_rss_mb"])]
     if "peak_gpu_mb" in o[0]:
-        rows.append((f"SD {name}: peak GPU memory (MB)", median(o, lambda r: r["peak_gpu_mb"]),
-                     median(b, lambda r: r["peak_gpu_mb"])))
-    rows.append((f"SD {name}: loss (mean of last 4 of {steps_sd} steps)", median(o, lambda r: r["final_loss"]),
-                 median(b, lambda r: r["final_loss"])))
+        rows.append(paired(f"{prefix}: peak GPU memory (MB)", o, b, lambda r: r["peak_gpu_mb"]))
     return rows
+
+
+def sd_rows(name: str, o: list[dict], b: list[dict], steps_sd: int) -> list[tuple]:
+    return [
+        paired(f"SD {name}: images/s (after the cache is built)", o, b, lambda r: r["images"] / r["seconds"]),
+        paired(f"SD {name}: s / step", o, b, lambda r: statistics.median(r["step_seconds"])),
+        *memory_rows(f"SD {name}", o, b),
+        paired(f"SD {name}: loss (mean of last 4 of {steps_sd} steps)", o, b, lambda r: r["final_loss"]),
+    ]
 
 
 def plot(rows, path: Path) -> None:
