@@ -78,9 +78,8 @@ PLAIN_HEAD_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "ph
 
 
 @contextmanager
-def head_left_out(model):
-    """Let the model return the hidden states its LM head would see instead of logits (for chunked_ce)."""
-    core = getattr(model, "module", model)  # under DDP the model is wrapped
+def head_left_out(core):
+    """Let the (unwrapped) model return the hidden states its LM head would see instead of logits."""
     head = core.get_output_embeddings()
     core.set_output_embeddings(torch.nn.Identity())
     try:
@@ -102,10 +101,10 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
     target = labels[:, keep]
     count = int((target != textdata.IGNORE_INDEX).sum())
-    core = getattr(model, "module", model)
-    head = core.get_output_embeddings()
-    if getattr(core.config, "model_type", "") in PLAIN_HEAD_ARCHITECTURES and getattr(head, "bias", None) is None:
-        with head_left_out(model) as head:
+    core = getattr(model, "module", model)  # under DDP the model is wrapped
+    if (getattr(core.config, "model_type", "") in PLAIN_HEAD_ARCHITECTURES
+            and getattr(core.get_output_embeddings(), "bias", None) is None):
+        with head_left_out(core) as head:
             hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, hidden size)
         return linear_cross_entropy(hidden, head.weight, target) / max(count, 1), count
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
