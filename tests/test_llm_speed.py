@@ -118,6 +118,7 @@ def test_chunked_cross_entropy_equals_the_full_logits_path(monkeypatch):
     from lora_scripts.train import chunked_ce
 
     monkeypatch.setattr(chunked_ce, "CHUNK", 7)  # 23 tokens: three full chunks and a partial one
+    monkeypatch.setattr(chunked_ce, "ROWS", 3)  # and the fp32 passes in 3 + 3 + 1 rows of each chunk
     torch.manual_seed(0)
     hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
@@ -136,8 +137,10 @@ def test_chunked_cross_entropy_equals_the_full_logits_path(monkeypatch):
 
 
 def test_causal_lm_loss_without_logits_matches_the_logits_path(tiny_llama, pairs_csv, monkeypatch):
-    """The LM head left out of the forward (chunked loss) gives the loss and gradients of the usual path,
-    in fp32 and under bf16 autocast, and the model gets its head back."""
+    """The LM head left out of the forward (chunked loss) gives the loss and gradients of the usual path in
+    fp32; under bf16 autocast the same loss and gradients at least as close to the fp32 ones (the two paths
+    round the logits' gradient differently, so they are compared with the exact numbers, not with each
+    other). The model gets its head back."""
     from lora_scripts.train import llm as llm_train
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -154,11 +157,19 @@ def test_causal_lm_loss_without_logits_matches_the_logits_path(tiny_llama, pairs
         loss.backward()
         return loss.detach(), n, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    for autocast, tol in ((False, 1e-5), (True, 2e-3)):
-        ref_loss, ref_n, ref_grads = loss_and_grads(False, autocast)
-        loss, n, grads = loss_and_grads(True, autocast)
-        assert n == ref_n and model.get_output_embeddings() is head
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    def rel(grads, ref_grads):
         assert len(grads) == len(ref_grads)
-        for g, r in zip(grads, ref_grads):
-            assert float((g - r).norm() / r.norm().clamp_min(1e-12)) < tol
+        return max(float((g - r).norm() / r.norm().clamp_min(1e-12)) for g, r in zip(grads, ref_grads))
+
+    exact_loss, exact_n, exact = loss_and_grads(False, False)
+    loss, n, grads = loss_and_grads(True, False)
+    assert n == exact_n and model.get_output_embeddings() is head
+    torch.testing.assert_close(loss, exact_loss, rtol=1e-5, atol=1e-5)
+    assert rel(grads, exact) < 1e-5
+
+    usual_loss, _, usual = loss_and_grads(False, True)
+    loss, _, grads = loss_and_grads(True, True)
+    assert model.get_output_embeddings() is head
+    torch.testing.assert_close(loss, usual_loss, rtol=1e-5, atol=1e-5)
+    assert rel(usual, exact) > 1e-3  # bf16 is in play: the comparison below means something
+    assert rel(grads, exact) <= 1.05 * rel(usual, exact)
