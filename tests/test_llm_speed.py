@@ -173,3 +173,36 @@ def test_causal_lm_loss_without_logits_matches_the_logits_path(tiny_llama, pairs
     torch.testing.assert_close(loss, usual_loss, rtol=1e-5, atol=1e-5)
     assert rel(usual, exact) > 1e-3  # bf16 is in play: the comparison below means something
     assert rel(grads, exact) <= 1.05 * rel(usual, exact)
+
+
+def test_rows_rounded_up_to_a_shape_multiple_change_no_number(tiny_llama, pairs_csv, monkeypatch):
+    """Filler tokens (packed rows) and filler columns (padded batches), and the unlabelled positions added
+    to the loss's rows, leave the loss, the token count and every gradient as they were."""
+    from lora_scripts.train import llm as llm_train
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.set_attn_implementation(packed_attention.register())
+    items = [td.tokenize_sample(tok, s, 256) for s in td.load_samples(pairs_csv)[:3]] + packed_items(tok, (2,))
+
+    def loss_and_grads(packed: bool, multiple: int):
+        monkeypatch.setattr(llm_train, "shape_multiple", lambda device: multiple)
+        batch = make_batch(items, packed, tok.pad_token_id, "cpu")
+        model.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+        return batch, loss.detach(), n, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for packed in (True, False):
+        plain, ref_loss, ref_n, ref_grads = loss_and_grads(packed, 1)
+        rounded, loss, n, grads = loss_and_grads(packed, 64)
+        assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > plain["input_ids"].shape[1]
+        assert n == ref_n
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    rounded_bounds = make_batch(items, True, tok.pad_token_id, "cpu")["cu_seq_lens_q"].diff().tolist()  # at 64
+    monkeypatch.setattr(llm_train, "shape_multiple", lambda device: 1)
+    bounds = make_batch(items, True, tok.pad_token_id, "cpu")["cu_seq_lens_q"].diff().tolist()
+    # the filler joined the shortest sample (the last one here), the other segments are untouched
+    assert rounded_bounds[:-1] == bounds[:-1] and rounded_bounds[-1] > bounds[-1] == min(bounds)

@@ -269,23 +269,32 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def collate_packed(items: list[Tokenized]) -> dict[str, torch.Tensor]:
-    """Pack a batch into one row with no padding.
+def collate_packed(items: list[Tokenized], pad_to_multiple_of: int = 1, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pack a batch into one row with no padding (or only up to a multiple of `pad_to_multiple_of`).
 
     position_ids restart at 0 for every sample and no attention_mask is passed: transformers then builds a
     block-diagonal causal mask from the position resets, so no sample attends to another (tested in
     tests/test_text_data.py against the samples run one by one). `cu_seq_lens_q` holds the sample
     boundaries (0, len1, len1+len2, ...) for models/packed_attention.py, which attends within each
     sample alone instead of through that mask; it stays on the CPU (see make_batch).
+
+    Filler tokens for `pad_to_multiple_of` go right after the shortest sample's last token, as part of its
+    segment: causal attention hides them from every real token, they carry no label, so the loss and
+    gradients are those of the row without them, and the longest segment (which sets the attention cost)
+    grows only if the shortest one outgrows it.
     """
+    total = sum(len(t) for t in items)
+    fill = -total % pad_to_multiple_of
+    shortest = min(range(len(items)), key=lambda i: len(items[i]))
     ids, labels, pos, bounds = [], [], [], [0]
-    for t in items:
-        bounds.append(bounds[-1] + len(t))
-        ids += t.input_ids
+    for i, t in enumerate(items):
+        extra = fill if i == shortest else 0
+        bounds.append(bounds[-1] + len(t) + extra)
+        ids += t.input_ids + [pad_id] * extra
         # The first token of each sample has no prediction from its predecessor sample: the model shifts
         # labels left by one, so the label at a boundary would be the next sample's first token.
-        labels += t.labels[1:] + [IGNORE_INDEX]
-        pos += list(range(len(t)))
+        labels += t.labels[1:] + [IGNORE_INDEX] * (1 + extra)
+        pos += list(range(len(t) + extra))
     return {
         "input_ids": torch.tensor([ids]),
         "shift_labels": torch.tensor([labels]),
@@ -294,9 +303,10 @@ def collate_packed(items: list[Tokenized]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_padded(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(items: list[Tokenized], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch for models that cannot take packed sequences."""
     longest = max(len(t) for t in items)
+    longest += -longest % pad_to_multiple_of
     ids = torch.full((len(items), longest), pad_id)
     labels = torch.full((len(items), longest), IGNORE_INDEX)
     mask = torch.zeros((len(items), longest), dtype=torch.long)
