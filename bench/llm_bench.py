@@ -54,7 +54,9 @@ def run_ours(train_file: str, eval_file: str, steps: int, batch: int, out: str, 
     return {
         "tokens": sum(e["tokens"] for e in steps_ev), "seconds": sum(e["seconds"] for e in steps_ev),
         "step_seconds": [e["seconds"] for e in steps_ev], "final_train_loss": steps_ev[-1]["loss"],
-        "padding_fraction": 0.0, "padding_fraction_if_padded": start["padding_fraction_if_padded"],
+        # the filler that rounds packed rows up to a multiple of 32 tokens (train/llm.py: shape_multiple)
+        "padding_fraction": sum(e["filler_tokens"] for e in steps_ev) / sum(e["tokens"] + e["filler_tokens"] for e in steps_ev),
+        "padding_fraction_if_padded": start["padding_fraction_if_padded"],
         "eval_loss": eval_loss(result.model, held, tok.pad_token_id), "peak_rss_mb": rss,
     }
 

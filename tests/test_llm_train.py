@@ -44,6 +44,8 @@ def test_training_learns_and_writes_every_output(tiny_llama, pairs_csv, tmp_path
     start = next(e for e in result.events if e["event"] == "start")
     assert start["packed"] is True and start["total_steps"] == 30
     assert all(s["tokens_per_s"] > 0 for s in steps)
+    # tokens count the real ones; the filler rounds each packed row up to the CPU's shape multiple
+    assert all((s["tokens"] + s["filler_tokens"]) % 32 == 0 and 0 <= s["filler_tokens"] < 32 for s in steps)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
 

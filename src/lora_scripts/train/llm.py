@@ -270,7 +270,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
         model.train()
         last_loss = None
-        tick, tokens_since = time.perf_counter(), 0
+        tick, tokens_since, filler_since = time.perf_counter(), 0, 0
         stop.install()
         while pos.step < total_steps:
             all_batches = textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, pos.epoch)
@@ -281,7 +281,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 group_loss = torch.zeros((), device=accelerator.device)
                 for micro, indices in enumerate(group):
                     batch = make_batch([train_data[i] for i in indices], packed, pad_id, accelerator.device)
-                    tokens_since += sum(len(train_data[i]) for i in indices)  # real tokens, not the filler
+                    real = sum(len(train_data[i]) for i in indices)
+                    tokens_since += real  # real tokens; the filler of make_batch is counted on its own
+                    filler_since += int(batch["input_ids"].numel()) - real
                     # Gradients are all-reduced only on the group's last micro-batch.
                     sync = micro == len(group) - 1
                     with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
@@ -300,9 +302,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 last_loss = loss_value
                 elapsed = time.perf_counter() - tick
                 events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=scheduler.get_last_lr()[0],
-                            grad_norm=grad_norm, tokens=tokens_since * world, seconds=elapsed,
-                            tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
-                tick, tokens_since = time.perf_counter(), 0
+                            grad_norm=grad_norm, tokens=tokens_since * world, filler_tokens=filler_since * world,
+                            seconds=elapsed, tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
+                tick, tokens_since, filler_since = time.perf_counter(), 0, 0
                 if stop_requested(stop, accelerator):
                     raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())
                 if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
@@ -316,7 +318,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 accelerator.wait_for_everyone()
                 pos.epoch += 1
                 pos.group = 0
-                tick, tokens_since = time.perf_counter(), 0  # eval/sampling time is not training time
+                tick, tokens_since, filler_since = time.perf_counter(), 0, 0  # eval/sampling time is not training time
 
         # ---- export ----------------------------------------------------------------------------------
         if not eval_losses or eval_losses[-1][0] != pos.step:
