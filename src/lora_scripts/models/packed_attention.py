@@ -17,6 +17,8 @@ SDPA function unchanged, so a model switched to this implementation behaves as b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,21 @@ PACKED_SDPA = "lora_scripts_packed_sdpa"
 CPU_FP32_UP_TO = 256
 
 
+@functools.lru_cache(maxsize=8)
+def gather_plan(bounds: tuple[int, ...], device: torch.device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(samples, longest, take, keep) for a packed row, built once per batch rather than once per layer.
+
+    Row i of the padded batch holds sample i, then its last token repeated: with a causal mask every real
+    query sees only real keys of its own sample, and the repeated rows get no gradient. `take` gathers the
+    row's tokens into that batch; `keep` picks the real positions back out of it.
+    """
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    longest = max(lengths)
+    take = torch.tensor([s + min(j, n - 1) for s, n in zip(bounds, lengths) for j in range(longest)], device=device)
+    keep = torch.tensor([i * longest + j for i, n in enumerate(lengths) for j in range(n)], device=device)
+    return len(lengths), longest, take, keep
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """transformers attention-function signature: q/k/v are (batch, heads, time, head_dim); returns
@@ -38,19 +55,13 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = cu_seq_lens_q.tolist()  # kept on the CPU by the collator: no device sync per layer
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    longest = max(lengths)
+    # the boundaries are kept on the CPU by the collator: reading them costs no device sync per layer
+    samples, longest, take, keep = gather_plan(tuple(cu_seq_lens_q.tolist()), query.device)
     dtype = torch.float32 if query.device.type == "cpu" and longest <= CPU_FP32_UP_TO else query.dtype
-    # Row i of the padded batch holds sample i, then its last token repeated: with a causal mask every
-    # real query sees only real keys of its own sample, and the filler rows get no gradient.
-    take = torch.tensor([s + min(j, n - 1) for s, n in zip(bounds, lengths) for j in range(longest)],
-                        device=query.device)
-    keep = torch.tensor([i * longest + j for i, n in enumerate(lengths) for j in range(n)], device=query.device)
 
     def per_sample(x: torch.Tensor) -> torch.Tensor:  # (1, heads, total, d) -> (samples, heads, longest, d)
         rows = x[0].index_select(1, take).to(dtype)
-        return rows.view(x.shape[1], len(lengths), longest, x.shape[3]).transpose(0, 1)
+        return rows.view(x.shape[1], samples, longest, x.shape[3]).transpose(0, 1)
 
     # autocast would cast fp32 inputs back to bf16: the dtype chosen above is the one to run in
     with torch.autocast(query.device.type, enabled=False):
