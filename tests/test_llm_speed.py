@@ -25,19 +25,26 @@ def logits_and_grads(model, batch):
     return logits.detach().float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-def test_packed_attention_equals_the_block_diagonal_mask(tiny_llama):
-    """Same logits and gradients as transformers' masked SDPA over the packed row (GQA model: 4 heads, 2 kv)."""
+def test_packed_attention_equals_the_block_diagonal_mask(tiny_llama, monkeypatch):
+    """Same logits and gradients as transformers' masked SDPA over the packed row (GQA model: 4 heads, 2 kv),
+    with all samples in one padded call and with each sample in a call of its own."""
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
     batch = make_batch(packed_items(tok), True, tok.pad_token_id, "cpu")
     assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
     masked, masked_grads = logits_and_grads(model, batch)
     model.set_attn_implementation(packed_attention.register())
-    ours, our_grads = logits_and_grads(model, batch)
-    torch.testing.assert_close(ours, masked, atol=1e-5, rtol=1e-5)
-    assert len(our_grads) == len(masked_grads)
-    for a, b in zip(our_grads, masked_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for call_cost, calls in ((10**12, 1), (0, 3)):
+        monkeypatch.setattr(packed_attention, "CALL_COST_IN_PAIRS", call_cost)
+        packed_attention.gather_plan.cache_clear()
+        groups, _ = packed_attention.gather_plan(tuple(batch["cu_seq_lens_q"].tolist()), torch.device("cpu"))
+        assert len(groups) == calls
+        ours, our_grads = logits_and_grads(model, batch)
+        torch.testing.assert_close(ours, masked, atol=1e-5, rtol=1e-5)
+        assert len(our_grads) == len(masked_grads)
+        for a, b in zip(our_grads, masked_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    packed_attention.gather_plan.cache_clear()
 
     # a padded batch (no boundaries) goes through transformers' own SDPA path unchanged
     padded = make_batch(packed_items(tok), False, tok.pad_token_id, "cpu")
@@ -46,6 +53,14 @@ def test_packed_attention_equals_the_block_diagonal_mask(tiny_llama):
         model.set_attn_implementation("sdpa")
         theirs_padded = model(**{k: v for k, v in padded.items() if k != "shift_labels"}).logits
     assert torch.equal(ours_padded, theirs_padded)
+
+
+def test_samples_of_very_different_lengths_attend_in_separate_calls():
+    split = packed_attention.split_into_groups
+    assert split([50, 90, 120, 400])[0] == [3]  # the long one alone: 4 x 400^2 pairs -> 400^2 + a few small
+    assert split([120, 110, 130, 100]) == [[2, 0, 1, 3]]  # similar lengths: one call, longest first
+    assert split([300, 20, 310, 25]) == [[2, 0], [3, 1]]
+    assert sorted(i for g in split([7, 3, 500, 64, 64, 250]) for i in g) == list(range(6))
 
 
 def test_packed_attention_under_bf16_autocast_is_no_less_accurate(tiny_llama):
