@@ -97,10 +97,13 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     (train/chunked_ce.py: the same numbers within 1e-5, tested).
     """
     labels = batch["shift_labels"]  # (B, T), already shifted: labels[:, t] is the token after t
-    labelled = (labels != textdata.IGNORE_INDEX).any(dim=0)
-    # K rounded up with unlabelled positions (their targets are ignored), for the reason in shape_multiple
-    fill = min(-int(labelled.sum()) % shape_multiple(labels.device), int((~labelled).sum()))
-    keep = (labelled | (~labelled).cumsum(0).le(fill) & ~labelled).nonzero().squeeze(-1)  # (K,)
+    labelled = (labels != textdata.IGNORE_INDEX).any(dim=0)  # (T,)
+    # The kept positions are rounded up to the shape multiple (see shape_multiple) with the first few
+    # unlabelled ones: their targets are all ignored, so they change no number.
+    unlabelled = ~labelled
+    fill = min(-int(labelled.sum()) % shape_multiple(labels.device), int(unlabelled.sum()))
+    filler = unlabelled & (unlabelled.cumsum(0) <= fill)
+    keep = (labelled | filler).nonzero().squeeze(-1)  # (K,)
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
     target = labels[:, keep]
     count = int((target != textdata.IGNORE_INDEX).sum())
