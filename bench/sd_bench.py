@@ -44,9 +44,15 @@ def build_mid_sd(folder: Path) -> Path:
     te = CLIPTextModel(CLIPTextConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=12, num_attention_heads=3,
                                       vocab_size=49408, max_position_embeddings=77, projection_dim=192))
     write_config_folder({}, TOKENIZERS["sd15"], folder / "tok")
-    tok = CLIPTokenizer.from_pretrained(folder / "tok" / "tokenizer")
+    return save_sd_pipeline(folder, unet, vae, te, CLIPTokenizer.from_pretrained(folder / "tok" / "tokenizer"))
+
+
+def save_sd_pipeline(folder: Path, unet, vae, te, tok) -> Path:
+    """Save the parts as a diffusers SD1.5 folder, with SD1.5's noise schedule as it ships (no deprecation noise)."""
+    import diffusers
+
     sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False, steps_offset=1)  # as SD1.5 ships it: no deprecation noise
+                                    clip_sample=False, steps_offset=1)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -69,13 +75,7 @@ def build_full_sd15(folder: Path) -> Path:
     unet = diffusers.UNet2DConditionModel.from_config(json.loads((src / "unet/config.json").read_text()))
     vae = diffusers.AutoencoderKL.from_config(json.loads((src / "vae/config.json").read_text()))
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(src / "text_encoder"))
-    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False, steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(src / "tokenizer"),
-                                             unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
+    return save_sd_pipeline(folder, unet, vae, te, CLIPTokenizer.from_pretrained(src / "tokenizer"))
 
 
 def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:

@@ -5,15 +5,16 @@ log_softmax (a second tensor that size) and in backward allocates and fills a th
 nearly every token is trained: 3,200 tokens x SmolLM2's 49,152-token vocabulary is 630 MB per fp32 tensor,
 and measured on the CPU those passes were 40% of a training step. Here the logits are made one chunk of
 tokens at a time and reduced to one log-sum-exp per token; backward makes each chunk again and takes its
-softmax, the gradient with respect to the logits. Liger Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy do
-this on CUDA with Triton kernels; neither runs without Triton, hence this plain-torch version.
+softmax, the gradient with respect to the logits. Liger Kernel's fused linear cross-entropy and Apple's Cut
+Cross-Entropy do this on CUDA with Triton kernels; neither runs without Triton, hence this plain-torch version.
 """
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from lora_scripts.data.text import IGNORE_INDEX
+
 CHUNK = 1024  # tokens per matmul: 1024 x 49,152 bf16 logits are a 100 MB transient
 # Rows per fp32 pass. A (rows x vocabulary) fp32 buffer that fits in the core's cache: 8 x 49,152 is 1.5 MB.
 # Casting a whole chunk to fp32 at once was 6x slower on the CPU, all of it in memory traffic and page faults

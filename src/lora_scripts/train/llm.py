@@ -283,8 +283,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             for group in groups[pos.group :]:
                 group_loss = torch.zeros((), device=accelerator.device)
                 for micro, indices in enumerate(group):
-                    batch = make_batch([train_data[i] for i in indices], packed, pad_id, accelerator.device)
-                    real = sum(len(train_data[i]) for i in indices)
+                    items = [train_data[i] for i in indices]
+                    batch = make_batch(items, packed, pad_id, accelerator.device)
+                    real = sum(len(t) for t in items)
                     tokens_since += real  # real tokens; the filler of make_batch is counted on its own
                     filler_since += int(batch["input_ids"].numel()) - real
                     # Gradients are all-reduced only on the group's last micro-batch.
