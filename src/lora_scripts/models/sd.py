@@ -49,6 +49,37 @@ class SDModel:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
 
 
+def _frozen_layers(unet: torch.nn.Module, frozen: bool = True) -> dict[str, torch.nn.Module]:
+    """Frozen Linear and Conv2d layers (peft's adapters are trainable, so left out), by their plain name."""
+    return {name.replace(".base_layer", ""): mod for name, mod in unet.named_modules()
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not (frozen and mod.weight.requires_grad)}
+
+
+def store_frozen_layers_in(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen Linear and Conv2d weights and biases in `dtype` (the autocast dtype) for training.
+
+    Autocast runs these layers in `dtype` anyway and casts each fp32 weight afresh on every forward: a
+    copy of the UNet per step. Cast once, the step is bitwise the same (tested) and the UNet takes about
+    half the memory. diffusers' example and kohya keep their frozen UNet in the mixed-precision dtype for
+    the same reason (the whole UNet, norms too; here norms stay fp32, as autocast computes them).
+    restore_frozen_layers puts the exact fp32 weights back.
+    """
+    for mod in _frozen_layers(unet).values():
+        mod.weight.data = mod.weight.data.to(dtype)
+        if mod.bias is not None:
+            mod.bias.data = mod.bias.data.to(dtype)
+
+
+def restore_frozen_layers(unet: torch.nn.Module, fresh_unet: torch.nn.Module) -> None:
+    """Undo store_frozen_layers_in with the weights of `fresh_unet`, the same UNet loaded again."""
+    fresh = _frozen_layers(fresh_unet, frozen=False)  # a model as loaded: nothing frozen yet
+    for name, mod in _frozen_layers(unet).items():
+        if mod.weight.dtype != fresh[name].weight.dtype:
+            mod.weight.data = fresh[name].weight.data
+            if mod.bias is not None:
+                mod.bias.data = fresh[name].bias.data
+
+
 def _pipeline_class(model_type: str):
     import diffusers
 

@@ -6,6 +6,7 @@ report through `train.events.Events`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -432,13 +433,27 @@ def oom_message(cfg: TrainConfig, family: str) -> str:
     return "out of memory. Try, in this order:\n  " + "\n  ".join(tips)
 
 
+def lora_inputs_uncast(model: torch.nn.Module, mixed_precision: str):
+    """A context in which peft's LoRA layers take their input as it comes, in mixed-precision training.
+
+    peft casts a LoRA layer's input to the dtype of its adapter weights (fp32) before the branch; under
+    autocast the branch's first matmul casts it straight back to bf16/fp16. A bf16 activation thus made a
+    round trip through fp32 in every adapted layer: two activation-sized copies forward and two backward,
+    for bitwise the same result (bf16 -> fp32 -> bf16 is exact). Without autocast the cast is what makes
+    the dtypes match, so it stays. Uses peft's own switch; the flag is put back on exit.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=mixed_precision != "no")
+
+
 class TrainingRun:
     """What every run sets up and tears down around its loop.
 
     Enter: the output folder's lock (before anything is written), debris of killed checkpoint writes
     removed, the event stream, the Ctrl-C handler (installed by the loop) and the NaN guard. Exit: an
     out-of-memory error becomes TrainingStopped with the settings to change, any other failure an `error`
-    event; the handler, the stream and the lock are always released.
+    event; what the loop entered with `during`, the handler, the stream and the lock are always released.
     """
 
     def __init__(self, cfg: TrainConfig, accelerator, family: str, callback=None, progress: bool = True):
@@ -459,7 +474,12 @@ class TrainingRun:
         self.lock.announce = self.events.print
         self.stop = GracefulStop(self.events.print)
         self.nan_guard = NanGuard(self.cfg, out_dir, self.events)
+        self.scoped = contextlib.ExitStack()
         return self
+
+    def during(self, context):
+        """Enter `context` until the run ends (before the model goes back to the caller)."""
+        return self.scoped.enter_context(context)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
@@ -469,6 +489,7 @@ class TrainingRun:
             if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 self.events.emit("error", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         finally:
+            self.scoped.close()
             self.stop.restore()
             self.events.close()
             self.lock.release()

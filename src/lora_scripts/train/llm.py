@@ -35,6 +35,7 @@ from lora_scripts.train.common import (
     TrainingRun,
     build_optimizer,
     build_scheduler,
+    lora_inputs_uncast,
     plan_steps,
     resume_position,
     save_checkpoint,
@@ -217,6 +218,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config_for(cfg, model))
+        run.during(lora_inputs_uncast(model, cfg.mixed_precision))
         low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
         # not for DoRA: it reads the base weight itself (its column norms), which must stay exact

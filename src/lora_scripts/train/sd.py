@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,14 @@ from lora_scripts.data.images import load_captioned_images
 from lora_scripts.export.kohya import DTYPES, kohya_state_dict, tag_frequency, training_metadata, write_kohya
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
-from lora_scripts.models.sd import SDModel, load_sd
+from lora_scripts.models.sd import SDModel, load_sd, restore_frozen_layers, store_frozen_layers_in
 from lora_scripts.train.common import (
     Position,
     TrainingInterrupted,
     TrainingRun,
     build_optimizer,
     build_scheduler,
+    lora_inputs_uncast,
     plan_steps,
     resume_position,
     save_checkpoint,
@@ -51,7 +53,20 @@ class SDTrainResult:
     steps: int
     final_loss: float | None
     events: list[dict] = field(default_factory=list)
-    model: SDModel | None = None
+    trained_model: SDModel | None = None  # as trained: after mixed precision its frozen UNet layers are bf16/fp16
+    reload_unet: Callable[[], torch.nn.Module] | None = None  # the base UNet again, for the exact fp32 weights
+
+    @property
+    def model(self) -> SDModel | None:
+        """The trained model with its fp32 UNet weights, for callers that go on using it in-process.
+
+        Read back from the base model on first use when training kept the frozen layers in bf16/fp16: a run
+        from the command line never pays for it (time, and the memory of a second model while it lasts).
+        """
+        if self.reload_unet is not None:
+            restore_frozen_layers(self.trained_model.unet, self.reload_unet())
+            self.reload_unet = None
+        return self.trained_model
 
 
 def lora_config(cfg: TrainConfig, targets: list[str]):
@@ -142,6 +157,13 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 add_text_encoder_adapter(te, lora_config(cfg, TE_TARGETS))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        for part in [unet, *(model.text_encoders if train_te else [])]:
+            run.during(lora_inputs_uncast(part, cfg.mixed_precision))
+        low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        # not for DoRA: it reads the base weight itself (its norms), which must stay exact
+        cast_frozen = low_precision is not None and cfg.lora_type != "dora"
+        if cast_frozen:
+            store_frozen_layers_in(unet, low_precision)
         unet_params = [p for p in unet.parameters() if p.requires_grad]
         te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
@@ -297,7 +319,11 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=last_loss, lora=str(lora_file))
-        return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model)
+        def reload_unet():
+            return load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization).unet
+
+        return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model,
+                             reload_unet if cast_frozen else None)
 
 
 @torch.no_grad()
@@ -310,8 +336,9 @@ def write_sample_grid(model: SDModel, cfg: TrainConfig, pos: Position, events: E
 
     was_training = model.unet.training
     model.unet.eval()
-    images = render(model, cfg.sample_prompts, negative=cfg.sample_negative_prompt, steps=cfg.sample_steps,
-                    guidance=cfg.sample_guidance, seed=cfg.seed, size=(cfg.resolution, cfg.resolution))
+    with accelerator.autocast():  # in the training precision: the frozen UNet layers may be bf16/fp16
+        images = render(model, cfg.sample_prompts, negative=cfg.sample_negative_prompt, steps=cfg.sample_steps,
+                        guidance=cfg.sample_guidance, seed=cfg.seed, size=(cfg.resolution, cfg.resolution))
     model.unet.train(was_training)
     grid = image_grid(images, cfg.sample_prompts)
     folder = out_dir / "samples"
