@@ -1,7 +1,8 @@
 """One SD LoRA training run, ours or a loop written like diffusers' train_text_to_image_lora.py.
 
 Model: SD1.5's architecture at a quarter of every width but SD1.5's attention head sizes (40/80/160),
-random weights, 256 px, batch 4, LoRA r=8 on to_q/to_k/to_v/to_out.0, AdamW, bf16 autocast. The baseline
+random weights, 256 px, batch 4, LoRA r=8 (fp32) on to_q/to_k/to_v/to_out.0, AdamW, bf16 autocast, frozen weights
+in bf16 (the example casts its whole UNet, VAE and text encoder; ours its UNet's linear and conv layers). The baseline
 encodes every image with the VAE and every caption with the text encoder at every step, as the example
 does; ours reads cached latents and text embeddings. Prints one JSON line.
 """
@@ -98,19 +99,25 @@ def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: in
 
 
 def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:
+    import diffusers
     import numpy as np
     from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from PIL import Image
 
     from lora_scripts.data.images import load_captioned_images
 
+    diffusers.utils.logging.set_verbosity_error()  # the casts below warn, in the example too
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None).to(DEVICE)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for m in (unet, vae, te):
+    for m in (unet, vae, te):  # as the example: frozen weights in the mixed-precision dtype
         m.requires_grad_(False)
+        m.to(dtype=torch.bfloat16)
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    # The example leaves the adapter bf16 under bf16 and upcasts it for fp16; fp32 here, the precision of ours.
+    cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -131,7 +138,7 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution
     for step in range(steps):
         batch = [items[(step * 4 + i) % len(items)] for i in range(4)]
         t0 = time.perf_counter()
-        pixels = torch.stack([load(it.path) for it in batch]).to(DEVICE)
+        pixels = torch.stack([load(it.path) for it in batch]).to(DEVICE, dtype=torch.bfloat16)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
