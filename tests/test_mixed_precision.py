@@ -119,3 +119,22 @@ def test_sd_training_in_bf16_changes_the_model_only_while_it_runs(tiny_sd15, sty
     base = load_sd(str(ckpt), "sd15", cfg_dir).unet.state_dict()
     trained = {k.replace(".base_layer", ""): v for k, v in result.model.unet.state_dict().items() if "lora_" not in k}
     assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_llm_training_in_bf16_skips_the_casts_only_while_it_runs(tiny_llama, pairs_csv, tmp_path, monkeypatch):
+    import peft
+
+    from lora_scripts.config import load_config
+    from lora_scripts.train import llm as llm_train
+
+    built = []
+    real = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    seen = []
+    cfg = load_config(None, [f"{k}={v}" for k, v in {
+        "base_model": tiny_llama, "metadata_path": pairs_csv, "output_dir": tmp_path / "run", "batch_size": 4,
+        "max_train_steps": 2, "mixed_precision": "bf16", "sample_prompts": "[]"}.items()])
+    result = llm_train.train_llm(cfg, callback=lambda e: e["event"] == "step" and seen.append(set(lora_flags(built[0]))),
+                                 progress=False)
+    assert seen == [{False}, {False}]
+    assert set(lora_flags(result.model)) == {True}
