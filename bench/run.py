@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,9 +87,19 @@ def median(runs: list[dict], key) -> float:
 
 
 def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))  # models, data and outputs of the runs: ~350 MB
+    try:
+        return bench(work)
+    finally:
+        if os.environ.get("BENCH_KEEP"):
+            print(f"the runs' folders are kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path) -> int:
     steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 12)), int(os.environ.get("BENCH_SD_STEPS", 12))
     reps = int(os.environ.get("BENCH_REPS", 3))  # A B A B A B: medians of 3 hold against this machine's ±15% drift
-    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     profile_name = os.environ.get("BENCH_PROFILE", "gpu" if DEVICE == "cuda" else "cpu")
     profile = PROFILES[profile_name]
     demo_train, demo_eval = REPO / "data/demo_llm_style/train.csv", REPO / "data/demo_llm_style/eval.csv"
