@@ -56,12 +56,13 @@ def matmul_peak(dtype: torch.dtype, reps: int = 10) -> float:
 
 
 def run(script: str, *args: str) -> dict:
+    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{script} {args[0]} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), "process_seconds": time.perf_counter() - t0}
 
 
 def cpu_name() -> str:
@@ -98,8 +99,12 @@ def main() -> int:
 
 
 def bench(work: Path) -> int:
-    steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 12)), int(os.environ.get("BENCH_SD_STEPS", 12))
-    reps = int(os.environ.get("BENCH_REPS", 3))  # A B A B A B: medians of 3 hold against this machine's ±15% drift
+    # 10 steps, the first 2 not timed: 8 timed steps a run keeps the whole bench under 10 minutes in slow spells
+    steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 10)), int(os.environ.get("BENCH_SD_STEPS", 10))
+    # LLM: A B A B A B, medians of 3 against this machine's ±15% drift; SD: A B A B, which keeps the whole
+    # bench under 10 minutes (an SD run is ~20 s, two thirds of it process start and model load)
+    reps = int(os.environ.get("BENCH_REPS", 3))
+    reps_sd = int(os.environ.get("BENCH_REPS", 2))
     profile_name = os.environ.get("BENCH_PROFILE", "gpu" if DEVICE == "cuda" else "cpu")
     profile = PROFILES[profile_name]
     demo_train, demo_eval = REPO / "data/demo_llm_style/train.csv", REPO / "data/demo_llm_style/eval.csv"
@@ -122,7 +127,8 @@ def bench(work: Path) -> int:
                 r = run("llm_bench.py", impl, str(data), str(demo_eval), str(steps_llm), str(profile["llm_batch"]),
                         str(work / f"{impl}{rep}"), str(profile["llm_seq"]))
                 runs[impl].append(r)
-                print(f"  llm/{name} {impl} #{rep + 1}: {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True)
+                print(f"  llm/{name} {impl} #{rep + 1}: {r['tokens'] / r['seconds']:.0f} tokens/s "
+                      f"({r['process_seconds']:.0f} s in all)", flush=True)
         results["llm"][name] = runs
 
     if only == "llm":
@@ -137,12 +143,13 @@ def bench(work: Path) -> int:
     for name, folder in sources.items():  # 256-384 px sources, then the same pictures at 1024-1536 px
         runs = {"ours": [], "baseline": []}
         os.environ["LORA_SCRIPTS_CACHE"] = str(work / f"cache-{name}")  # a cold latent cache for the first run
-        for rep in range(reps):
+        for rep in range(reps_sd):
             for impl in ("ours", "baseline"):
                 r = run("sd_bench.py", impl, str(model_dir), str(folder), str(steps_sd), str(work / f"sd-{impl}{rep}"),
                         str(profile["sd_resolution"]))
                 runs[impl].append(r)
-                print(f"  sd/{name} {impl} #{rep + 1}: {r['images'] / r['seconds']:.2f} images/s ({r['cache']})", flush=True)
+                print(f"  sd/{name} {impl} #{rep + 1}: {r['images'] / r['seconds']:.2f} images/s ({r['cache']}; "
+                      f"{r['process_seconds']:.0f} s in all)", flush=True)
         results["sd"][name] = runs
     report(results, steps_llm, steps_sd)
     return 0
