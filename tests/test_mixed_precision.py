@@ -90,6 +90,29 @@ def test_sd_frozen_layers_in_bf16_give_bitwise_the_same_step_and_come_back_exact
     assert restored.keys() == fp32.keys() and all(torch.equal(restored[k], fp32[k]) for k in fp32)
 
 
+def test_sd_frozen_layers_in_bf16_let_go_of_the_mapped_model_file(tmp_path):
+    """diffusers maps the weights file; while any tensor points into it, its pages count against the
+    process (200 MB of the bench's peak RSS). After the cast nothing does, so the mapping is gone."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    from lora_scripts.models.sd import build_tiny_sd
+
+    build_tiny_sd("sd15").unet.save_pretrained(tmp_path / "unet")
+    weights = str(next((tmp_path / "unet").glob("*.safetensors")))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").requires_grad_(False)
+
+    def mapped():
+        with open("/proc/self/maps") as fh:
+            return weights in fh.read()
+
+    assert mapped()  # as loaded: the file backs the tensors
+    store_frozen_layers_in(unet, torch.bfloat16)
+    gc.collect()
+    assert not mapped()
+
+
 def test_sd_training_in_bf16_changes_the_model_only_while_it_runs(tiny_sd15, style_images, tmp_path, monkeypatch):
     """bf16 run with a text-encoder LoRA: in every step peft's casts are off and the frozen UNet layers are
     bf16; the returned model has the casts back on and exactly the base model's fp32 weights."""

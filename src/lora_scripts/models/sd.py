@@ -63,11 +63,17 @@ def store_frozen_layers_in(unet: torch.nn.Module, dtype: torch.dtype) -> None:
     half the memory. diffusers' example and kohya keep their frozen UNet in the mixed-precision dtype for
     the same reason (the whole UNet, norms too; here norms stay fp32, as autocast computes them).
     restore_frozen_layers puts the exact fp32 weights back.
+
+    The other tensors are copied into memory of their own: diffusers maps the model file into memory, and
+    its pages count against the process for as long as any tensor still points into the file.
     """
     for mod in _frozen_layers(unet).values():
         mod.weight.data = mod.weight.data.to(dtype)
         if mod.bias is not None:
             mod.bias.data = mod.bias.data.to(dtype)
+    for tensor in [*unet.parameters(), *unet.buffers()]:
+        if tensor.dtype != dtype:
+            tensor.data = tensor.data.clone()
 
 
 def restore_frozen_layers(unet: torch.nn.Module, fresh_unet: torch.nn.Module) -> None:
