@@ -70,8 +70,11 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
     cfg = load_config(None, [f"base_model={ckpt}", f"model_config_dir={cfg_dir}", f"train_data_dir={style_images}",
                              f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
                              "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-4", "save_precision=fp32",
-                             "sample_every_n_epochs=null"])
+                             "sample_every_n_epochs=null", "mixed_precision=bf16"])
     result = train_sd(cfg, progress=False)
+    # trained with its frozen UNet layers in bf16; the fp32 ones read back from the single file on request
+    assert result.trained_model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert result.model.unet.conv_in.weight.dtype == torch.float32
     with safe_open(str(result.lora_file), "pt") as fh:
         keys, md = set(fh.keys()), fh.metadata()
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
