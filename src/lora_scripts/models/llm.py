@@ -15,6 +15,7 @@ from lora_scripts.models.embedded import (
     is_prepared,
     resolve_embedded,
 )
+from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.safety import check_safetensors
 
 # Attention projections by architecture family, in the order we look for them. The first family whose
@@ -136,10 +137,8 @@ def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype, folder: 
     copy of the whole model per step. Cast once, the results are bitwise the same (tested) and the
     weights take half the memory. Embeddings and norms stay fp32; an LM head tied to the embeddings gets
     a `dtype` copy of its own (+5% tokens/s on SmolLM2, whose head is a fifth of its weights). Done only
-    when every cast weight can be put back exactly by restore_frozen_linears.
-
-    The other tensors are copied into memory of their own: transformers maps the model file into memory
-    and those pages count against the process for as long as any tensor still points into the file.
+    when every cast weight can be put back exactly by restore_frozen_linears. The other tensors are
+    copied off the memory-mapped model file (models/mapped.py).
     """
     layers = _frozen_linears_by_file_key(model)
     if not layers or not layers.keys() <= _file_keys(folder).keys():
@@ -149,9 +148,7 @@ def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype, folder: 
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     if head is not None and head.weight is embed and not embed.requires_grad:
         head.weight = torch.nn.Parameter(embed.detach().to(dtype), requires_grad=False)
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.dtype != dtype:
-            tensor.data = tensor.data.clone()
+    copy_off_the_file(model, dtype)
     return True
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
 from lora_scripts.safety import UnsafeFileError, check_safetensors
 
@@ -62,18 +63,14 @@ def store_frozen_layers_in(unet: torch.nn.Module, dtype: torch.dtype) -> None:
     copy of the UNet per step. Cast once, the step is bitwise the same (tested) and the UNet takes about
     half the memory. diffusers' example and kohya keep their frozen UNet in the mixed-precision dtype for
     the same reason (the whole UNet, norms too; here norms stay fp32, as autocast computes them).
-    restore_frozen_layers puts the exact fp32 weights back.
-
-    The other tensors are copied into memory of their own: diffusers maps the model file into memory, and
-    its pages count against the process for as long as any tensor still points into the file.
+    restore_frozen_layers puts the exact fp32 weights back. The other tensors are copied off the
+    memory-mapped model file (models/mapped.py).
     """
     for mod in _frozen_layers(unet).values():
         mod.weight.data = mod.weight.data.to(dtype)
         if mod.bias is not None:
             mod.bias.data = mod.bias.data.to(dtype)
-    for tensor in [*unet.parameters(), *unet.buffers()]:
-        if tensor.dtype != dtype:
-            tensor.data = tensor.data.clone()
+    copy_off_the_file(unet, dtype)
 
 
 def restore_frozen_layers(unet: torch.nn.Module, fresh_unet: torch.nn.Module) -> None:
