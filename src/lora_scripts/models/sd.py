@@ -50,10 +50,10 @@ class SDModel:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
 
 
-def _frozen_layers(unet: torch.nn.Module, frozen: bool = True) -> dict[str, torch.nn.Module]:
+def _frozen_layers(unet: torch.nn.Module, frozen_only: bool = True) -> dict[str, torch.nn.Module]:
     """Frozen Linear and Conv2d layers (peft's adapters are trainable, so left out), by their plain name."""
     return {name.replace(".base_layer", ""): mod for name, mod in unet.named_modules()
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not (frozen and mod.weight.requires_grad)}
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not (frozen_only and mod.weight.requires_grad)}
 
 
 def store_frozen_layers_in(unet: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -75,7 +75,7 @@ def store_frozen_layers_in(unet: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def restore_frozen_layers(unet: torch.nn.Module, fresh_unet: torch.nn.Module) -> None:
     """Undo store_frozen_layers_in with the weights of `fresh_unet`, the same UNet loaded again."""
-    fresh = _frozen_layers(fresh_unet, frozen=False)  # a model as loaded: nothing frozen yet
+    fresh = _frozen_layers(fresh_unet, frozen_only=False)  # a model as loaded: nothing frozen yet
     for name, mod in _frozen_layers(unet).items():
         if mod.weight.dtype != fresh[name].weight.dtype:
             mod.weight.data = fresh[name].weight.data

@@ -447,6 +447,16 @@ def lora_inputs_uncast(model: torch.nn.Module, mixed_precision: str):
     return disable_input_dtype_casting(model, active=mixed_precision != "no")
 
 
+def frozen_weights_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype frozen weights are kept in while training: autocast's under mixed precision, else None.
+
+    Not for DoRA either: it reads the base weights themselves (their norms), which must stay exact.
+    """
+    if cfg.mixed_precision == "no" or cfg.lora_type == "dora":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+
+
 class TrainingRun:
     """What every run sets up and tears down around its loop.
 

@@ -35,6 +35,7 @@ from lora_scripts.train.common import (
     TrainingRun,
     build_optimizer,
     build_scheduler,
+    frozen_weights_dtype,
     lora_inputs_uncast,
     plan_steps,
     resume_position,
@@ -219,11 +220,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             model.enable_input_require_grads()
         model = get_peft_model(model, lora_config_for(cfg, model))
         run.during(lora_inputs_uncast(model, cfg.mixed_precision))
-        low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        frozen_dtype = frozen_weights_dtype(cfg)
         weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
-        # not for DoRA: it reads the base weight itself (its column norms), which must stay exact
-        cast_frozen = (low_precision is not None and cfg.lora_type != "dora"
-                       and store_frozen_linears_in(model, low_precision, weights_folder))
+        cast_frozen = frozen_dtype is not None and store_frozen_linears_in(model, frozen_dtype, weights_folder)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, [{"params": params}])
         scheduler = build_scheduler(cfg, optimizer, total_steps)

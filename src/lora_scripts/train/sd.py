@@ -31,6 +31,7 @@ from lora_scripts.train.common import (
     TrainingRun,
     build_optimizer,
     build_scheduler,
+    frozen_weights_dtype,
     lora_inputs_uncast,
     plan_steps,
     resume_position,
@@ -159,11 +160,9 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             unet.enable_gradient_checkpointing()
         for part in [unet, *(model.text_encoders if train_te else [])]:
             run.during(lora_inputs_uncast(part, cfg.mixed_precision))
-        low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        # not for DoRA: it reads the base weight itself (its norms), which must stay exact
-        cast_frozen = low_precision is not None and cfg.lora_type != "dora"
-        if cast_frozen:
-            store_frozen_layers_in(unet, low_precision)
+        frozen_dtype = frozen_weights_dtype(cfg)
+        if frozen_dtype is not None:
+            store_frozen_layers_in(unet, frozen_dtype)
         unet_params = [p for p in unet.parameters() if p.requires_grad]
         te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
@@ -319,11 +318,12 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=last_loss, lora=str(lora_file))
-        def reload_unet():
+
+        def reload_unet():  # the exact fp32 UNet, for SDTrainResult.model
             return load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization).unet
 
         return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model,
-                             reload_unet if cast_frozen else None)
+                             reload_unet if frozen_dtype is not None else None)
 
 
 @torch.no_grad()
