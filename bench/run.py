@@ -171,6 +171,7 @@ def build_sd(size: str, folder: Path) -> Path:
 
 
 def report(results: dict, steps_llm: int, steps_sd: int) -> None:
+    profile_name = results["machine"]["profile"]
     rows = []
     peak = results["peak_flops"]["bf16"]
     for name, runs in results["llm"].items():
@@ -194,7 +195,7 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
     for name, runs in results["sd"].items():
         lines.append(f"SD {name} sources, cache in the first run: {runs['ours'][0]['cache']}")
     if results["sd"]:
-        profile = PROFILES[results["machine"]["profile"]]
+        profile = PROFILES[profile_name]
         lines.append(f"SD model: {SD_MODELS[profile['sd']]}, random weights, {profile['sd_resolution']} px, batch 4")
     if results["llm"]:
         lines.append(f"MFU = 4 x {SMOL_BODY_PARAMS / 1e6:.1f}M matmul weights x trained tokens/s / measured bf16 peak "
@@ -207,7 +208,6 @@ def report(results: dict, steps_llm: int, steps_sd: int) -> None:
     # Only a full run with the default settings replaces the results the README quotes ("latest" for the CPU
     # profile, "latest-<profile>" for the others); a half run or one with fewer reps or steps goes to "latest-partial".
     tuned = [k for k in ("BENCH_ONLY", "BENCH_REPS", "BENCH_LLM_STEPS", "BENCH_SD_STEPS") if os.environ.get(k)]
-    profile_name = results["machine"]["profile"]
     stem = "latest-partial" if tuned else "latest" if profile_name == "cpu" else f"latest-{profile_name}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
     plot(rows, out / f"{stem}.png")

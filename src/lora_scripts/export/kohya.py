@@ -23,7 +23,6 @@ from safetensors.torch import save, save_file
 
 from lora_scripts.models.sd_convert import unet_module_to_original, unet_prefix_map
 
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 

@@ -447,6 +447,10 @@ def lora_inputs_uncast(model: torch.nn.Module, mixed_precision: str):
     return disable_input_dtype_casting(model, active=mixed_precision != "no")
 
 
+# The config's precision names (mixed_precision, save_precision) as torch dtypes
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def frozen_weights_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """The dtype frozen weights are kept in while training: autocast's under mixed precision, else None.
 
@@ -454,7 +458,7 @@ def frozen_weights_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """
     if cfg.mixed_precision == "no" or cfg.lora_type == "dora":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    return DTYPES[cfg.mixed_precision]
 
 
 class TrainingRun:

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
 from lora_scripts.data.images import load_captioned_images
-from lora_scripts.export.kohya import DTYPES, kohya_state_dict, tag_frequency, training_metadata, write_kohya
+from lora_scripts.export.kohya import kohya_state_dict, tag_frequency, training_metadata, write_kohya
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import SDModel, load_sd, restore_frozen_layers, store_frozen_layers_in
 from lora_scripts.train.common import (
+    DTYPES,
     Position,
     TrainingInterrupted,
     TrainingRun,
