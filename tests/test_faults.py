@@ -19,7 +19,8 @@ from lora_scripts.train import llm as llm_train
 
 def args(model, data, out, **kw):
     base = {"base_model": model, "metadata_path": data, "output_dir": out, "epochs": 2, "batch_size": 4,
-            "learning_rate": 5e-3, "save_steps": 2, "max_new_tokens": 4}
+            "learning_rate": 5e-3, "save_steps": 2, "max_new_tokens": 4,
+            "mixed_precision": "no"}  # fp32 on every machine (auto would be bf16 where the CPU has bf16 units)
     base.update(kw)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 

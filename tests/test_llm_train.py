@@ -21,7 +21,8 @@ from lora_scripts.train.common import TrainingStopped, list_checkpoints, verify_
 
 def overrides(model, data, out, **kw):
     base = {"base_model": model, "metadata_path": data, "output_dir": out, "epochs": 3, "batch_size": 4,
-            "learning_rate": 5e-3, "save_steps": 100, "max_new_tokens": 8, "seed": 7}
+            "learning_rate": 5e-3, "save_steps": 100, "max_new_tokens": 8, "seed": 7,
+            "mixed_precision": "no"}  # fp32 numbers on every machine (auto is bf16 where the CPU has bf16 units)
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -142,9 +142,10 @@ def test_time_estimate_follows_the_length_of_the_samples(tmp_path, tiny_llama):
         pairs = [(f"question {i}?", " ".join(["word"] * reply_words)) for i in range(60)]
         data = write_pairs_csv(tmp_path / f"pairs{reply_words}.csv", pairs)
         cfg = load_config(None, [f"base_model={tiny_llama}", f"metadata_path={data}",
-                                 f"output_dir={tmp_path / 'out'}", "epochs=2", "mixed_precision=bf16"])
+                                 f"output_dir={tmp_path / 'out'}", "epochs=2"])
         report = run_preflight(cfg)
-        assert any(re.match(r"rough estimate on \w+: \d+ (s|min) of training steps", f.message) for f in report.findings)
+        assert any(re.match(r"rough estimate on \w+ in \w+ \(matmuls measured at [\d,]+ GFLOP/s\): \d+ (s|min) of "
+                            r"training steps", f.message) for f in report.findings)
         return report.estimated_seconds
 
     short, long = estimate_seconds(10), estimate_seconds(200)

@@ -14,7 +14,7 @@ def test_smollm2_learns_the_house_style_direction(tmp_path):
     out = tmp_path / "smol"
     cfg = load_config(None, [
         "base_model=smollm2-135m-instruct", "metadata_path=data/demo_llm_style/train.csv",
-        f"output_dir={out}", "batch_size=4", "max_train_steps=8", "learning_rate=1e-3", "mixed_precision=bf16",
+        f"output_dir={out}", "batch_size=4", "max_train_steps=8", "learning_rate=1e-3", "mixed_precision=auto",
         "eval_data_path=data/demo_llm_style/eval.csv", "max_seq_length=256", "save_steps=100",
         "sample_prompts=['How do I choose a good pillow?']", "max_new_tokens=16",
     ])

@@ -18,7 +18,7 @@ def sd_args(ckpt, cfg_dir, images, out, **kw):
     base = {"base_model": ckpt, "model_config_dir": cfg_dir, "model_type": "sd15", "train_data_dir": images,
             "output_dir": out, "resolution": 128, "batch_size": 2, "epochs": 2, "repeats": 1, "lora_rank": 4,
             "lora_alpha": 12, "learning_rate": 1e-3, "save_steps": 4, "save_precision": "fp32", "seed": 3,
-            "sample_every_n_epochs": 1}
+            "sample_every_n_epochs": 1, "mixed_precision": "no"}  # fp32 numbers on every machine
     base.update(kw)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 

@@ -27,6 +27,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
             UnsafeFileError, RunLockedError)
 
 
+def _stopped() -> type[Exception]:
+    from lora_scripts.train.common import TrainingStopped
+
+    return TrainingStopped
+
+
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
@@ -57,19 +63,12 @@ def cmd_train(args) -> int:
     from lora_scripts.config import ConfigError
     from lora_scripts.preflight import run_preflight
 
+    _sigterm_as_ctrl_c()
     try:
         cfg = _load(args)
     except ConfigError as exc:
         return _fail(f"the config has problems:\n{exc}")
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from lora_scripts.models.detect import ModelTypeError, detect_model_type
-
-        try:
-            family = cfg.model_type or detect_model_type(cfg.base_model)
-        except ModelTypeError as exc:
-            return _fail(str(exc))
-        if family != "llm":
-            return _fail("multi-process training is available for LLMs; train Stable Diffusion on one process")
         return _relaunch(args)
     is_main = os.environ.get("RANK", "0") == "0"
     report = run_preflight(cfg)
@@ -98,18 +97,36 @@ def cmd_train(args) -> int:
     except USER_ERRORS as exc:  # problems with the user's files, found after the preflight: no traceback
         return _fail(str(exc))
     except KeyboardInterrupt as exc:
-        from lora_scripts.train.common import TrainingInterrupted
-
-        resume = " ".join(shlex.quote(a) for a in ["python", "train.py", "--config", args.config, *args.overrides,
-                                                     "resume_from=latest"])
-        saved = (f"checkpoint saved: {exc.checkpoint}" if isinstance(exc, TrainingInterrupted) and exc.checkpoint
-                 else "stopped without saving; the last checkpoint written before it is kept")
-        print(f"\ninterrupted ({saved}). Continue with:\n  {resume}", file=sys.stderr)
-        return 130
+        return _interrupted(exc, ["python", "train.py", "--config", args.config, *args.overrides])
     if is_main:
-        print(f"done: {result.steps} steps; {where}; loss curve in "
+        skipped = f" ({result.skipped_steps} updates skipped)" if result.skipped_steps else ""
+        print(f"done: {result.steps} steps{skipped}; {where}; loss curve in "
               f"{result.output_dir / 'loss_curve.png'}; TensorBoard: tensorboard --logdir {cfg.log_dir}")
     return 0
+
+
+def _interrupted(exc: KeyboardInterrupt, command: list[str]) -> int:
+    """Ctrl-C or SIGTERM: where the run stands and the command that continues it; exit code 130."""
+    from lora_scripts.train.common import TrainingInterrupted
+
+    resume = " ".join(shlex.quote(a) for a in [*command, "resume_from=latest"])
+    saved = (f"checkpoint saved: {exc.checkpoint}" if isinstance(exc, TrainingInterrupted) and exc.checkpoint
+             else "stopped without saving; the last checkpoint written before it is kept")
+    print(f"\ninterrupted ({saved}). Continue with:\n  {resume}", file=sys.stderr)
+    return 130
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM outside the training steps (loading, generating) stops like Ctrl-C: a message, not a kill.
+    During the steps the run's own handler takes over (finish the step, save, stop)."""
+    import signal
+    import threading
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
 
 
 def _relaunch(args) -> int:
@@ -290,14 +307,22 @@ def add_demo(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args) -> int:
     from lora_scripts.config import ConfigError
-    from lora_scripts.demo import run_demo, run_image_demo
+    from lora_scripts.demo import DEFAULT_CONFIG, IMAGE_CONFIG, run_demo, run_image_demo
 
+    _sigterm_as_ctrl_c()
+    config = args.config or str(IMAGE_CONFIG if args.images else DEFAULT_CONFIG)
     try:
-        return (run_image_demo if args.images else run_demo)(args.config, args.overrides)
+        return (run_image_demo if args.images else run_demo)(config, args.overrides)
     except ConfigError as exc:
-        hint = ("" if args.config else "\nthe demo's config and data live in the lora-scripts folder: run it from "
-                "there (as `make demo` does), or pass --config")
+        # the hint only where it is the answer: run from elsewhere, the default config is not found
+        hint = ("" if args.config or Path(config).exists() else "\nthe demo's config and data live in the "
+                "lora-scripts folder: run it from there (as `make demo` does), or pass --config")
         return _fail(f"{exc}{hint}")
+    except _stopped() as exc:
+        return _fail(str(exc), EXIT_STOPPED)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, ["lora-scripts", "demo", *(["--images"] if args.images else []),
+                                  *(["--config", args.config] if args.config else []), *args.overrides])
 
 
 def add_label(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -173,8 +173,10 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Clip the gradient norm to this value; null disables clipping."""
 
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """no | fp16 | bf16. bf16 is fast on CPUs with bf16 units and on recent GPUs; fp16 needs a GPU."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto | no | fp16 | bf16. auto picks what is fast on this machine: bf16 on GPUs and CPUs with native
+    bf16, fp16 on older GPUs, fp32 (no) on CPUs without bf16 units, where bf16 is emulated ~45x slower.
+    The preflight prints the choice and why."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in backward: much less memory, about 30% slower."""
@@ -213,6 +215,21 @@ class TrainConfig(BaseModel):
     """LLM samples: the most tokens generated per prompt."""
 
     # ---------------------------------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_boolean_words(cls, data: Any) -> Any:
+        # YAML 1.1 reads an unquoted no/off/false (and yes/on/true) as a boolean, so `mixed_precision: no`,
+        # written the way accelerate's and kohya's configs write it, arrives here as False. Where a key's
+        # valid words include such a word, the boolean means that word.
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for key, value in data.items():
+            words = _BOOLEAN_WORDS.get(key)
+            if isinstance(value, bool) and words and words.get(value) is not None:
+                fixed[key] = words[value]
+        return fixed
+
     @field_validator("optimizer", mode="before")
     @classmethod
     def _lowercase_optimizer(cls, v: Any) -> Any:
@@ -293,6 +310,29 @@ class TrainConfig(BaseModel):
 
 
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
+
+# The words YAML 1.1 turns into booleans, and the keys whose valid values include one of them
+_YAML_TRUE, _YAML_FALSE = ("yes", "on", "true"), ("no", "off", "false")
+
+
+def _literal_words(annotation: Any) -> tuple[str, ...]:
+    if get_origin(annotation) is Literal:
+        return tuple(a for a in get_args(annotation) if isinstance(a, str))
+    return tuple(w for arg in get_args(annotation) for w in _literal_words(arg))
+
+
+def _boolean_words() -> dict[str, dict[bool, str | None]]:
+    table = {}
+    for key, field in TrainConfig.model_fields.items():
+        words = _literal_words(field.annotation)
+        true = next((w for w in _YAML_TRUE if w in words), None)
+        false = next((w for w in _YAML_FALSE if w in words), None)
+        if true or false:
+            table[key] = {True: true, False: false}
+    return table
+
+
+_BOOLEAN_WORDS = _boolean_words()
 
 
 def describe_keys() -> str:
@@ -391,5 +431,7 @@ def _format_errors(exc: ValidationError, where: dict[str, str], source: str) -> 
         else:
             value = err.get("input")
             msg = f"{key}: {err['msg'].removeprefix('Value error, ')} (got {value!r})"
+            if isinstance(value, bool) and err["type"] == "literal_error":
+                msg += "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write one of the words above"
         lines.append(f"{place}: {msg}")
     return "\n".join(lines)

@@ -14,15 +14,18 @@ from pathlib import Path
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
+from lora_scripts.hardware import Precision, choose_precision, matmul_flops, precision_warning
 from lora_scripts.models.detect import ModelTypeError, detect_model_type
 from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
 from lora_scripts.train.common import plan_steps
 
 SWEET_SPOT = (50, 200)
-# Effective throughput of a LoRA training step (FLOP/s, counted as 4 x parameters x tokens), used only for
-# the time estimate. CPU bf16: the demo measured on 2 cores with bf16 units (2.5 min of training for an
-# estimate of 2); fp32 is ~1.4x slower there. CUDA: a rough figure, not measured here.
-EFFECTIVE_FLOPS = {("cpu", True): 2.5e11, ("cpu", False): 1.8e11, ("cuda", True): 6e13, ("cuda", False): 3e13}
+# The share of this machine's measured matmul speed (hardware.matmul_flops, in the training precision) that
+# a LoRA training step reaches, its work counted as 4 x parameters x tokens: used only for the time
+# estimate. Measured with the demo (SmolLM2-135M, batch 8): CPU fp32 on an AVX2-only AMD EPYC, CPU bf16 on
+# a Xeon with AMX (2 cores each). CUDA: a guess, not yet measured.
+EFFICIENCY = {("cpu", "no"): 0.30, ("cpu", "bf16"): 0.09, ("cuda", "bf16"): 0.3, ("cuda", "fp16"): 0.3,
+              ("cuda", "no"): 0.3}
 CHAT_TEMPLATE_TOKENS = 35  # role headers and end-of-turn tokens a chat template adds to each sample
 
 
@@ -40,6 +43,7 @@ class Report:
     n_images: int = 0
     tokens_per_sample: float | None = None  # LLM data: estimated from the characters
     estimated_seconds: float | None = None  # of training steps, from the rough FLOP model below
+    precision: Precision | None = None  # what `mixed_precision` means on this machine
 
     def error(self, msg: str) -> None:
         self.findings.append(Finding("error", msg))
@@ -67,17 +71,17 @@ class Report:
         return "\n".join(lines)
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_environment(cfg: TrainConfig, report: Report) -> None:
-    device = _device()
+    precision = report.precision = choose_precision(cfg.mixed_precision)
+    device = precision.device
     if cfg.mixed_precision == "fp16" and device == "cpu":
-        report.error("mixed_precision fp16 needs a CUDA GPU and none is available; use bf16 (fast on CPUs with "
-                     "bf16 units) or no")
+        report.error("mixed_precision fp16 needs a CUDA GPU and none is available; use auto (the fast precision "
+                     "of this machine) or no")
+    else:
+        report.info(f"precision: {precision.label} on {device} ({precision.reason})")
+    slow = precision_warning(cfg.mixed_precision)
+    if slow:
+        report.warn(slow)
     if cfg.optimizer == "adamw8bit" and device == "cpu":
         report.error("optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use adamw or adafactor")
 
@@ -244,7 +248,8 @@ def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Repor
     if not size:
         return "time estimate: unknown model size"
     params = size / 4 if size > 0 else 0  # fp32 on disk for most bases; fp16 files are under-estimated 2x
-    device = _device()
+    precision = report.precision or choose_precision(cfg.mixed_precision)
+    device, name = precision.device, precision.name
     if model_type == "llm":
         per_sample = min(cfg.max_seq_length, report.tokens_per_sample or 256)  # packed: no padding to pay for
         tokens = per_sample * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps
@@ -252,10 +257,12 @@ def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Repor
     else:
         latents = (cfg.resolution // 8) ** 2
         flops = 4 * params * latents * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps / 16
-    seconds = report.estimated_seconds = flops / EFFECTIVE_FLOPS[(device, cfg.mixed_precision != "no")]
-    mem_gb = params * 4 / 1e9 * (1.5 if cfg.mixed_precision == "no" else 1.2) + 1.5
+    speed = matmul_flops(name, device)  # this machine, now, in the precision the run will use
+    seconds = report.estimated_seconds = flops / (speed * EFFICIENCY.get((device, name), 0.3))
+    mem_gb = params * 4 / 1e9 * (1.5 if name == "no" else 1.2) + 1.5
     took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-    return f"rough estimate on {device}: {took} of training steps (eval and samples extra), ~{mem_gb:.1f} GB of memory"
+    return (f"rough estimate on {device} in {precision.label} (matmuls measured at {speed / 1e9:,.0f} GFLOP/s): "
+            f"{took} of training steps (eval and samples extra), ~{mem_gb:.1f} GB of memory")
 
 
 def _model_bytes(base_model: str) -> int:

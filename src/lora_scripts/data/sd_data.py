@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class LatentCache:
                 return latent
         self.misses += 1
         latent = encode_image(self.vae, s, flip)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # each process its own: ranks encode alike
         save_file({"latent": latent}, str(tmp), metadata={"sha256": _tensor_sha(latent)})
         tmp.replace(path)
         return latent

@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,8 +185,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_rng_state(folder: Path) -> None:
-    """RNG states as JSON + safetensors (no pickle, so a checkpoint from elsewhere cannot run code)."""
+def torch_rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch generators: the CPU one and, on a GPU, the current device's."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def save_rng_state(folder: Path, ranks: list[dict[str, torch.Tensor]] | None = None) -> None:
+    """RNG states as JSON + safetensors (no pickle, so a checkpoint from elsewhere cannot run code).
+
+    `ranks` holds every process's torch generators (each rank draws its own dropout masks); without it,
+    this process's alone.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
     info = {
@@ -193,23 +206,24 @@ def save_rng_state(folder: Path) -> None:
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
     }
     (folder / "rng.json").write_text(json.dumps(info))
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors = {}
+    for rank, states in enumerate(ranks or [torch_rng_states()]):
+        tensors.update({f"{name}.rank{rank}": state.cpu() for name, state in states.items()})
     save_file(tensors, str(folder / "rng.safetensors"))
 
 
-def load_rng_state(folder: Path) -> None:
+def load_rng_state(folder: Path, rank: int = 0) -> None:
+    """Restore the generators; each process takes its own torch states (rank 0's when it has none)."""
     info = json.loads((folder / "rng.json").read_text())
     version, internal, gauss = info["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = info["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     tensors = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    mine = rank if f"torch.rank{rank}" in tensors else 0
+    torch.set_rng_state(tensors[f"torch.rank{mine}"])
+    if f"cuda.rank{mine}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"cuda.rank{mine}"])
 
 
 def save_checkpoint(
@@ -221,6 +235,8 @@ def save_checkpoint(
     cfg: TrainConfig,
     export_fn=None,
     keep: int | None = None,
+    scaler=None,
+    rng_ranks: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically.
 
@@ -234,7 +250,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn)
+        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -258,14 +274,18 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn) -> None:
+def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn, scaler,
+                      rng_ranks) -> None:
     tmp.mkdir(parents=True)
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    save_rng_state(tmp)
-    (tmp / "state.json").write_text(json.dumps({**asdict(pos), "time": time.time()}, indent=2))
+    save_rng_state(tmp, rng_ranks)
+    state = {**asdict(pos), "time": time.time()}
+    if scaler is not None:  # fp16: the loss scale it had found, so a resumed run does not start over at 65536
+        state["grad_scaler"] = scaler.state_dict()
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
     (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if export_fn is not None:
         export_fn(tmp)  # the family's own format (a PEFT adapter, a kohya file) so a checkpoint is usable as is
@@ -337,9 +357,10 @@ def find_resume_checkpoint(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
-def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events) -> Position:
-    """Position() for a fresh run, or the restored position of `resume_from` (weights, optimizer, schedule
-    and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning."""
+def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events, scaler=None,
+                    rank: int = 0) -> Position:
+    """Position() for a fresh run, or the restored position of `resume_from` (weights, optimizer, schedule,
+    loss scale and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning."""
     if not cfg.resume_from:
         return Position()
     out_dir = Path(cfg.output_dir)
@@ -347,12 +368,12 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
     if ckpt is None:
         events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
         return Position()
-    pos = load_checkpoint(ckpt, model, optimizer, scheduler)
+    pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank)
     events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
     return pos
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> Position:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None, rank: int = 0) -> Position:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -371,20 +392,33 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    load_rng_state(path)
+    load_rng_state(path, rank)
     state = json.loads((path / "state.json").read_text())
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     return Position(step=state["step"], epoch=state["epoch"], group=state["group"])
 
 
-def nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str:
+def _last_good(out_dir: Path) -> str:
     ckpts = list_checkpoints(out_dir)
     last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    return f"{last.capitalize()} (resume with resume_from: latest)."
+
+
+def nan_message(step: int, value: float, cfg: TrainConfig, out_dir: Path) -> str:
     causes = []
     if cfg.mixed_precision == "fp16":
         causes.append("fp16 overflow (try mixed_precision: bf16 or no)")
     causes.append(f"a learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it)")
-    return (f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. "
-            f"{last.capitalize()} (resume with resume_from: latest).")
+    return f"loss became {value} at step {step}; training stopped. Likely causes: {'; '.join(causes)}. {_last_good(out_dir)}"
+
+
+def overflow_message(step: int, in_a_row: int, scale: float, cfg: TrainConfig, out_dir: Path) -> str:
+    return (f"the gradients overflowed fp16 in {in_a_row} steps in a row, up to step {step} (each update was "
+            f"skipped and the loss scale lowered, to {scale:g} now); training stopped. Likely causes: values "
+            "beyond fp16's range at any scale (try mixed_precision: bf16 where the GPU supports it, or no); a "
+            f"learning rate too high for this data (learning_rate={cfg.learning_rate:g}; try a third of it). "
+            f"{_last_good(out_dir)}")
 
 
 class NanGuard:
@@ -461,24 +495,65 @@ def frozen_weights_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return DTYPES[cfg.mixed_precision]
 
 
+# fp16 overflows absorbed in a row before the run stops: loss scaling halves the scale at each one, so ten
+# in a row mean the gradients are not finite at any scale (2^16 -> 2^6), not a scale still being found.
+MAX_OVERFLOW_SKIPS = 10
+
+
+def start_accelerator(cfg: TrainConfig):
+    """The run's Accelerator, and the config with `mixed_precision: auto` resolved for this machine.
+
+    accelerate keeps its mixed-precision setting in a process-wide singleton; a second train() call in the
+    same process (a notebook, a test, a sweep) must be free to choose another precision, so it is reset
+    (the distributed state, PartialState, is kept). The scheduler steps once per optimizer step, whether
+    or not the step was skipped (accelerate's default steps it once per process, and not after a skip).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lora_scripts.hardware import choose_precision
+
+    precision = choose_precision(cfg.mixed_precision)
+    cfg = cfg.model_copy(update={"mixed_precision": precision.name})
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision.name, cpu=precision.device == "cpu",
+                              step_scheduler_with_optimizer=False)
+    if precision.name == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        # accelerate runs fp16 on a CPU as plain fp32 with no loss scaling; torch has CPU fp16 autocast and
+        # GradScaler, so the same scaled path as on a GPU runs (the preflight refuses fp16 on a CPU for
+        # training; this is what lets the fp16 step be tested where there is no GPU).
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return cfg, accelerator
+
+
 class TrainingRun:
-    """What every run sets up and tears down around its loop.
+    """What every run sets up and tears down around its loop, and the optimizer step both loops share.
 
     Enter: the output folder's lock (before anything is written), debris of killed checkpoint writes
     removed, the event stream, the Ctrl-C handler (installed by the loop) and the NaN guard. Exit: an
     out-of-memory error becomes TrainingStopped with the settings to change, any other failure an `error`
     event; what the loop entered with `during`, the handler, the stream and the lock are always released.
+
+    In between, a loop `track`s what it trains, then per micro-batch calls `backward` (inside
+    `micro_batch`) and per optimizer step `step`: the gradient unscale and clip, the overflow/NaN decision,
+    optimizer and scheduler step, zero-grad, the step event, and the stop and save checks live there
+    once, for both model families.
     """
 
     def __init__(self, cfg: TrainConfig, accelerator, family: str, callback=None, progress: bool = True):
         self.cfg, self.accelerator, self.family = cfg, accelerator, family
         self.callback, self.progress = callback, progress
+        self.skipped_steps = 0  # updates not applied: fp16 overflows and NaN-guard skips
+        self._overflows_in_a_row = 0
+        self.last_loss: float | None = None
+        self._tick = time.perf_counter()
 
     def __enter__(self) -> TrainingRun:
         from lora_scripts.safety import RunLock
         from lora_scripts.train.events import Events
 
-        out_dir = Path(self.cfg.output_dir)
+        out_dir = self.out_dir = Path(self.cfg.output_dir)
         self.lock = RunLock(out_dir)
         if self.accelerator.is_main_process:
             self.lock.acquire()  # a second run must not touch this folder
@@ -494,6 +569,125 @@ class TrainingRun:
     def during(self, context):
         """Enter `context` until the run ends (before the model goes back to the caller)."""
         return self.scoped.enter_context(context)
+
+    # ---- what is trained ------------------------------------------------------------------------------
+
+    def track(self, models: list[torch.nn.Module], state: torch.nn.Module, params: list[torch.nn.Parameter],
+              optimizer, scheduler, total_steps: int, export=None) -> None:
+        """`models`: the prepared (possibly DDP-wrapped) modules the loop calls; `state`: one module holding
+        every trainable part under stable names, for checkpoints; `export(folder)`: the family's own files,
+        written into each checkpoint."""
+        self.models, self.state, self.params = models, state, params
+        self.optimizer, self.scheduler, self.total_steps, self.export = optimizer, scheduler, total_steps, export
+
+    def resume(self) -> Position:
+        """Position() for a fresh run, or the restored one of `resume_from`. Then each process draws its own
+        dropout masks: rank r > 0 of a fresh run reseeds its torch generator (rank 0 keeps the single-process
+        stream); a resumed run has each rank's generator back from the checkpoint."""
+        acc = self.accelerator
+        pos = resume_position(self.cfg, self.state, self.optimizer, self.scheduler, self.events, acc.scaler,
+                              acc.process_index)
+        if pos.step == 0 and acc.process_index > 0:
+            torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
+        self._tick = time.perf_counter()
+        return pos
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward: gradients are all-reduced across
+        processes on a group's last micro-batch only."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for model in self.models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        """Backward through accelerate (which scales the loss under fp16) for one of `micro_batches`."""
+        self.accelerator.backward(loss / micro_batches)
+
+    def reset_clock(self) -> None:
+        """Eval and sampling time is not training time: the next step's throughput starts from here."""
+        self._tick = time.perf_counter()
+
+    def step(self, pos: Position, loss: torch.Tensor, counts: dict[str, int], rate: str) -> None:
+        """One optimizer step after the micro-batches' backward passes, and everything that follows it.
+
+        `loss`: this process's mean loss over the group (a tensor); `counts`: this process's work in the
+        step, e.g. {"tokens": n}; `counts[rate]` per second is reported as `<rate>_per_s`. Raises
+        TrainingInterrupted after a checkpoint when a stop was asked for, TrainingStopped on a NaN loss (past
+        skip_nan_steps) or on more than MAX_OVERFLOW_SKIPS fp16 overflows in a row.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        loss_value = float(acc.reduce(loss.detach().float(), reduction="mean"))  # every rank decides alike
+        # Under fp16 clip_grad_norm_ unscales the gradients first, so the norm and the clipping are the true
+        # ones. With max_grad_norm null the norm is still measured (an infinite bound clips nothing).
+        grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf))
+        skipped = self._update(pos.step + 1, loss_value, grad_norm)
+        with warnings.catch_warnings():
+            # A skipped step still spends its share of the schedule (the plan counts steps, not updates);
+            # torch warns when the very first step was skipped, which is loss scaling at work, not a bug.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        pos.group += 1
+        elapsed = time.perf_counter() - self._tick
+        world = acc.num_processes
+        extra = {"loss_scale": acc.scaler.get_scale()} if acc.scaler is not None else {}
+        self.events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=self.scheduler.get_last_lr()[0],
+                         grad_norm=grad_norm, skipped=skipped, skipped_steps=self.skipped_steps, **extra,
+                         **{k: v * world for k, v in counts.items()}, seconds=elapsed,
+                         **{f"{rate}_per_s": counts[rate] * world / max(elapsed, 1e-9)})
+        self.last_loss = loss_value
+        self._tick = time.perf_counter()
+        if stop_requested(self.stop, acc):
+            raise TrainingInterrupted(self.stop.requested or "SIGINT", self.checkpoint(pos))
+        if pos.step % cfg.save_steps == 0 and pos.step < self.total_steps:
+            self.checkpoint(pos)
+
+    def _update(self, step: int, loss: float, grad_norm: float) -> bool:
+        """Apply the optimizer step, or skip it; True when skipped.
+
+        A NaN/inf loss is the NaN guard's to judge (skip_nan_steps). Without loss scaling a non-finite
+        gradient is too. Under fp16 a finite loss with an overflowed gradient is loss scaling at work: the
+        scaler skips the update and halves its scale, and training goes on.
+        """
+        scaler = self.accelerator.scaler
+        if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
+            self.nan_guard.bad_step(step, loss, grad_norm)  # raises once the allowance is used up
+            if scaler is not None:
+                scaler.update()  # this step's unscale is forgotten (and the scale backs off)
+            self.skipped_steps += 1
+            return True
+        self.optimizer.step()
+        if scaler is None or not self.optimizer.step_was_skipped:
+            self._overflows_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self._overflows_in_a_row += 1
+        if self._overflows_in_a_row > MAX_OVERFLOW_SKIPS:
+            raise TrainingStopped(overflow_message(step, self._overflows_in_a_row, scaler.get_scale(), self.cfg,
+                                                   self.out_dir))
+        return True
+
+    def checkpoint(self, pos: Position) -> Path | None:
+        """Every rank has finished the step before the main process saves it, and none goes on (or exits)
+        before the folder is complete. Each rank's torch generator goes into the checkpoint."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        rng_ranks = gather_object([torch_rng_states()]) if acc.num_processes > 1 else None
+        path = None
+        if acc.is_main_process:
+            path = save_checkpoint(self.out_dir, pos, self.state, self.optimizer, self.scheduler, self.cfg,
+                                   self.export, keep=self.cfg.save_total_limit, scaler=acc.scaler,
+                                   rng_ranks=rng_ranks)
+            self.events.emit("checkpoint", step=pos.step, path=str(path))
+        acc.wait_for_everyone()
+        return path
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

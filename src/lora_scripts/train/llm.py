@@ -7,10 +7,8 @@ reproduces an uninterrupted run.
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +29,14 @@ from lora_scripts.models.llm import (
 )
 from lora_scripts.train.chunked_ce import linear_cross_entropy
 from lora_scripts.train.common import (
-    TrainingInterrupted,
     TrainingRun,
     build_optimizer,
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
     plan_steps,
-    resume_position,
-    save_checkpoint,
     seed_everything,
-    stop_requested,
+    start_accelerator,
 )
 from lora_scripts.train.events import plot_loss_curve
 
@@ -60,6 +55,7 @@ class TrainResult:
     trained_model: object = None  # as trained: after mixed precision its frozen linears are bf16/fp16
     tokenizer: object = None
     weights_folder: Path | None = None  # where restore_frozen_linears reads the exact fp32 weights back
+    skipped_steps: int = 0  # updates not applied (fp16 overflows absorbed by loss scaling, NaN-guard skips)
 
     @property
     def model(self):
@@ -175,19 +171,13 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[textdata.Sample], list[te
 
 
 def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from peft import get_peft_model
 
-    # accelerate keeps its mixed-precision setting in a process-wide singleton; a second train() call in the
-    # same process (a notebook, a test, a sweep) must be free to choose another precision. The distributed
-    # state (PartialState) is kept.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    cfg, accelerator = start_accelerator(cfg)  # mixed_precision: auto resolved for this machine
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
     with TrainingRun(cfg, accelerator, "llm", callback, progress) as run:
-        events, stop, nan_guard = run.events, run.stop, run.nan_guard
+        events, stop = run.events, run.stop
         seed_everything(cfg.seed)
 
         # ---- data first: its errors must come before the slow model load -----------------------
@@ -226,16 +216,20 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, [{"params": params}])
         scheduler = build_scheduler(cfg, optimizer, total_steps)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         core = accelerator.unwrap_model(model)
 
-        pos = resume_position(cfg, core, optimizer, scheduler, events)
+        def export_adapter(folder: Path) -> None:
+            core.save_pretrained(folder, safe_serialization=True)
+
+        run.track([model], core, params, optimizer, scheduler, total_steps, export_adapter)
+        pos = run.resume()
 
         n_trainable = sum(p.numel() for p in params)
         events.emit(
             "start", step=pos.step, total_steps=total_steps, epochs=epochs, steps_per_epoch=steps_per_epoch,
             train_samples=len(train_data), eval_samples=len(eval_data), trainable_params=n_trainable,
-            packed=packed, processes=world, trained_tokens=stats.trained_tokens,
+            packed=packed, processes=world, precision=cfg.mixed_precision, trained_tokens=stats.trained_tokens,
             padding_fraction_if_padded=round(textdata.padding_fraction(
                 [[train_data[i] for i in b] for b in textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, 0)]), 4),
         )
@@ -244,19 +238,6 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         out_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-
-        def export_adapter(folder: Path) -> None:
-            core.save_pretrained(folder, safe_serialization=True)
-
-        def checkpoint() -> Path | None:
-            accelerator.wait_for_everyone()
-            path = None
-            if accelerator.is_main_process:
-                path = save_checkpoint(out_dir, pos, core, optimizer, scheduler, cfg, export_adapter,
-                                       keep=cfg.save_total_limit)
-                events.emit("checkpoint", step=pos.step, path=str(path))
-            accelerator.wait_for_everyone()
-            return path
 
         eval_losses: list[tuple[int, float]] = []
 
@@ -273,9 +254,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         # ---- the loop ------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
         model.train()
-        last_loss = None
-        tick, tokens_since, filler_since = time.perf_counter(), 0, 0
         stop.install()
+        run.reset_clock()
         while pos.step < total_steps:
             all_batches = textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, pos.epoch)
             mine = all_batches[: batches_per_rank * world][rank::world]
@@ -283,37 +263,18 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                       for i in range(0, len(mine), cfg.gradient_accumulation_steps)]
             for group in groups[pos.group :]:
                 group_loss = torch.zeros((), device=accelerator.device)
+                tokens = filler = 0
                 for micro, indices in enumerate(group):
                     items = [train_data[i] for i in indices]
                     batch = make_batch(items, packed, pad_id, accelerator.device)
                     real = sum(len(t) for t in items)
-                    tokens_since += real  # real tokens; the filler of make_batch is counted on its own
-                    filler_since += int(batch["input_ids"].numel()) - real
-                    # Gradients are all-reduced only on the group's last micro-batch.
-                    sync = micro == len(group) - 1
-                    with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                    tokens += real  # real tokens; the filler of make_batch is counted on its own
+                    filler += int(batch["input_ids"].numel()) - real
+                    with run.micro_batch(last=micro == len(group) - 1), accelerator.autocast():
                         loss, _ = causal_lm_loss(model, batch)
-                        accelerator.backward(loss / len(group))
+                        run.backward(loss, len(group))
                     group_loss += loss.detach() / len(group)
-                loss_value = float(accelerator.reduce(group_loss, reduction="mean"))
-                # with max_grad_norm null the norm is still measured (an infinite bound clips nothing)
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-                if not nan_guard.bad_step(pos.step + 1, loss_value, grad_norm):
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos.step += 1
-                pos.group += 1
-                last_loss = loss_value
-                elapsed = time.perf_counter() - tick
-                events.emit("step", step=pos.step, epoch=pos.epoch, loss=loss_value, lr=scheduler.get_last_lr()[0],
-                            grad_norm=grad_norm, tokens=tokens_since * world, filler_tokens=filler_since * world,
-                            seconds=elapsed, tokens_per_s=tokens_since * world / max(elapsed, 1e-9))
-                tick, tokens_since, filler_since = time.perf_counter(), 0, 0
-                if stop_requested(stop, accelerator):
-                    raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())
-                if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
-                    checkpoint()
+                run.step(pos, group_loss, {"tokens": tokens, "filler_tokens": filler}, rate="tokens")
                 if pos.step >= total_steps:
                     break
             if pos.group >= len(groups):  # the epoch is complete
@@ -323,21 +284,22 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 accelerator.wait_for_everyone()
                 pos.epoch += 1
                 pos.group = 0
-                tick, tokens_since, filler_since = time.perf_counter(), 0, 0  # eval/sampling time is not training time
+                run.reset_clock()
 
         # ---- export ----------------------------------------------------------------------------------
         if not eval_losses or eval_losses[-1][0] != pos.step:
             run_eval()  # max_train_steps ended mid-epoch: still report where the run finished
-        checkpoint()
+        run.checkpoint(pos)
         if accelerator.is_main_process:
             export_adapter(out_dir)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
-            events.emit("end", step=pos.step, final_loss=last_loss, adapter=str(out_dir / "adapter_model.safetensors"))
+            events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
+                        precision=cfg.mixed_precision, adapter=str(out_dir / "adapter_model.safetensors"))
         accelerator.wait_for_everyone()
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        return TrainResult(out_dir, out_dir, pos.step, last_loss, eval_losses, events.history, plain, tokenizer,
-                           weights_folder if cast_frozen else None)
+        return TrainResult(out_dir, out_dir, pos.step, run.last_loss, eval_losses, events.history, plain, tokenizer,
+                           weights_folder if cast_frozen else None, run.skipped_steps)
 
 
 def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:

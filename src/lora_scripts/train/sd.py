@@ -8,7 +8,6 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -28,17 +27,14 @@ from lora_scripts.models.sd import SDModel, load_sd, restore_frozen_layers, stor
 from lora_scripts.train.common import (
     DTYPES,
     Position,
-    TrainingInterrupted,
     TrainingRun,
     build_optimizer,
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
     plan_steps,
-    resume_position,
-    save_checkpoint,
     seed_everything,
-    stop_requested,
+    start_accelerator,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 
@@ -57,6 +53,7 @@ class SDTrainResult:
     events: list[dict] = field(default_factory=list)
     trained_model: SDModel | None = None  # as trained: after mixed precision its frozen UNet layers are bf16/fp16
     reload_unet: Callable[[], torch.nn.Module] | None = None  # the base UNet again, for the exact fp32 weights
+    skipped_steps: int = 0  # updates not applied (fp16 overflows absorbed by loss scaling, NaN-guard skips)
 
     @property
     def model(self) -> SDModel | None:
@@ -93,15 +90,20 @@ def add_text_encoder_adapter(te, config) -> None:
     te._hf_peft_config_loaded = True
 
 
-def encode_prompts(model: SDModel, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, 77, D) encoder hidden states and, for SDXL, the (B, D2) pooled embedding."""
+def encode_prompts(model: SDModel, captions: list[str], encoders: list | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77, D) encoder hidden states and, for SDXL, the (B, D2) pooled embedding.
+
+    `encoders`: the text encoders to call, when they are trained (wrapped for several processes).
+    """
+    encoders = encoders or model.text_encoders
     device = model.unet.device
     ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids.to(device) for tok in model.tokenizers]
     if model.model_type != "sdxl":
-        return model.text_encoders[0](ids[0])[0], None
+        return encoders[0](ids[0])[0], None
     hidden, pooled = [], None
-    for te, tok_ids in zip(model.text_encoders, ids):
+    for te, tok_ids in zip(encoders, ids):
         out = te(tok_ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
         pooled = getattr(out, "text_embeds", None)
@@ -124,16 +126,25 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction: st
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
+def step_generators(cfg: TrainConfig, step: int, index: int) -> tuple[torch.Generator, random.Random]:
+    """The generators of one micro-batch: noise and timesteps, flips and caption changes.
+
+    Seeded by (seed, step, the micro-batch's place in the global batch: micro x processes + rank), so a
+    resumed run repeats the uninterrupted one, and N processes draw what one process accumulating the same
+    N micro-batches draws.
+    """
+    seed = (cfg.seed * 1_000_003 + step) * 1_009 + index
+    return torch.Generator().manual_seed(seed), random.Random(seed)
+
+
 def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
 
-    AcceleratorState._reset_state()  # see train/llm.py: each call chooses its own precision
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    cfg, accelerator = start_accelerator(cfg)  # mixed_precision: auto resolved for this machine
+    rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.output_dir)
     with TrainingRun(cfg, accelerator, "sd", callback, progress) as run:
-        events, stop, nan_guard = run.events, run.stop, run.nan_guard
+        events, stop = run.events, run.stop
         seed_everything(cfg.seed)
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
@@ -169,9 +180,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
         if te_params:
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
-        trainables = unet_params + te_params
 
-        plan = plan_steps(sum(repeats), cfg, accelerator.num_processes)
+        plan = plan_steps(sum(repeats), cfg, world)
         total_steps = plan.total_steps
         optimizer = build_optimizer(cfg, groups)
         lr_sched = build_scheduler(cfg, optimizer, total_steps)
@@ -179,10 +189,29 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         unet.to(accelerator.device)
         for te in model.text_encoders:
             te.to(accelerator.device)
+        # The trained parts go through accelerate: wrapped for DDP under several processes (gradients averaged
+        # across ranks), their forward under autocast. `unet` and `model` keep the plain modules for export.
+        trained = [unet, *(model.text_encoders if train_te else [])]
+        *wrapped, optimizer, lr_sched = accelerator.prepare(*trained, optimizer, lr_sched)
+        unet_train, te_train = wrapped[0], wrapped[1:] or None
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        pos = resume_position(cfg, holder, optimizer, lr_sched, events)
+        dtype = DTYPES[cfg.save_precision]
+        metadata = training_metadata(
+            cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
+            len(items), total_steps, plan.epochs, train_te, cfg.lora_rank)
+
+        def export(folder: Path) -> tuple[Path, Path]:
+            kohya = write_kohya(folder / f"{cfg.name}.safetensors",
+                                kohya_state_dict(unet, model.text_encoders if train_te else [], model_type, dtype),
+                                metadata)
+            from lora_scripts.export.diffusers_lora import write_diffusers_lora
+
+            return kohya, write_diffusers_lora(folder, model, train_te, dtype)
+
+        run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export)
+        pos = run.resume()
 
         # ---- caches ----------------------------------------------------------------------------------------
         cache = sd_data.LatentCache(cache_root() / "latents", vae) if cfg.cache_latents else None
@@ -198,7 +227,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         def conditioning(captions: list[str]):
             if train_te or augment:
-                return encode_prompts(model, captions)
+                return encode_prompts(model, captions, te_train)
             missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
             if missing:
                 with torch.no_grad():
@@ -209,122 +238,94 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             pooled = None if model.model_type != "sdxl" else torch.stack([text_cache[c][1] for c in captions])
             return hidden, pooled
 
-        n_images = len(items)
         events.emit("start", step=pos.step, total_steps=total_steps, epochs=plan.epochs,
-                    steps_per_epoch=plan.steps_per_epoch, images=n_images, views_per_epoch=sum(repeats),
+                    steps_per_epoch=plan.steps_per_epoch, images=len(items), views_per_epoch=sum(repeats),
                     buckets={f"{w}x{h}": n for (w, h), n in table.items()},
-                    trainable_params=sum(p.numel() for p in trainables), model_type=model_type,
-                    prediction_type=model.prediction_type, processes=accelerator.num_processes)
+                    trainable_params=sum(p.numel() for p in unet_params + te_params), model_type=model_type,
+                    prediction_type=model.prediction_type, processes=world, precision=cfg.mixed_precision)
         out_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        dtype = DTYPES[cfg.save_precision]
-        metadata = training_metadata(
-            cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
-            n_images, total_steps, plan.epochs, train_te, cfg.lora_rank)
 
-        def export(folder: Path) -> tuple[Path, Path]:
-            kohya = write_kohya(folder / f"{cfg.name}.safetensors",
-                                kohya_state_dict(unet, model.text_encoders if train_te else [], model_type, dtype),
-                                metadata)
-            from lora_scripts.export.diffusers_lora import write_diffusers_lora
-
-            return kohya, write_diffusers_lora(folder, model, train_te, dtype)
-
-        def checkpoint() -> Path | None:
-            if not accelerator.is_main_process:
-                return None
-            path = save_checkpoint(out_dir, pos, holder, optimizer, lr_sched, cfg, export, keep=cfg.save_total_limit)
-            events.emit("checkpoint", step=pos.step, path=str(path))
-            return path
+        def micro_batch_loss(batch: list[sd_data.Sample], index: int) -> torch.Tensor:
+            gen, rng = step_generators(cfg, pos.step, index)
+            flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
+            if cache is not None:
+                latents = torch.stack([cache.get(s, f) for s, f in zip(batch, flips)])
+            else:
+                latents = torch.stack([sd_data.encode_image(vae, s, f) for s, f in zip(batch, flips)])
+            latents = latents.to(accelerator.device)  # (B, 4, H/8, W/8)
+            captions = [sd_data.augment_caption(s.item.caption or "", rng, cfg.shuffle_caption, cfg.keep_tokens
+                                                + (1 if cfg.trigger_word else 0), cfg.caption_dropout_rate)
+                        for s in batch]
+            noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+            if cfg.noise_offset:
+                noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(latents.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
+            t = t.to(latents.device)
+            noisy = noise_sched.add_noise(latents, noise, t)
+            target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+            with accelerator.autocast():
+                hidden, pooled = conditioning(captions)
+                extra = {}
+                if model.model_type == "sdxl":
+                    extra = {"added_cond_kwargs": {"text_embeds": pooled,
+                                                   "time_ids": sdxl_time_ids(batch).to(latents.device)}}
+                pred = unet_train(noisy, t, hidden, **extra).sample
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            if cfg.min_snr_gamma:
+                loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
+            return loss.mean()
 
         # ---- the loop --------------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
-        unet.train()
-        last_loss = None
-        tick = time.perf_counter()
+        unet_train.train()
         stop.install()
+        run.reset_clock()
         while pos.step < total_steps:
             batches = sd_data.epoch_batches(samples, repeats, cfg.batch_size, cfg.seed, pos.epoch)
-            mine = batches[accelerator.process_index :: accelerator.num_processes][: plan.batches_per_rank]
+            mine = batches[: plan.batches_per_rank * world][rank::world]
             acc = cfg.gradient_accumulation_steps
             step_groups = [mine[i : i + acc] for i in range(0, len(mine), acc)]
             for group in step_groups[pos.group :]:
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos.step)
-                rng = random.Random(cfg.seed * 1_000_003 + pos.step)
-                group_loss, views = 0.0, 0
-                for indices in group:
-                    batch = [samples[i] for i in indices]
-                    flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
-                    if cache is not None:
-                        latents = torch.stack([cache.get(s, f) for s, f in zip(batch, flips)])
-                    else:
-                        latents = torch.stack([sd_data.encode_image(vae, s, f) for s, f in zip(batch, flips)])
-                    latents = latents.to(accelerator.device)
-                    captions = [sd_data.augment_caption(s.item.caption or "", rng, cfg.shuffle_caption, cfg.keep_tokens
-                                                        + (1 if cfg.trigger_word else 0), cfg.caption_dropout_rate)
-                                for s in batch]
-                    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-                    if cfg.noise_offset:
-                        noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(latents.device)
-                    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
-                    t = t.to(latents.device)
-                    noisy = noise_sched.add_noise(latents, noise, t)
-                    target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
-                    with accelerator.autocast():
-                        hidden, pooled = conditioning(captions)
-                        extra = {}
-                        if model.model_type == "sdxl":
-                            extra = {"added_cond_kwargs": {"text_embeds": pooled,
-                                                           "time_ids": sdxl_time_ids(batch).to(latents.device)}}
-                        pred = unet(noisy, t, hidden, **extra).sample
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if cfg.min_snr_gamma:
-                        loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
-                    loss = loss.mean()
-                    accelerator.backward(loss / len(group))
-                    group_loss += float(loss.detach()) / len(group)
-                    views += len(batch)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainables, cfg.max_grad_norm or math.inf))
-                if not nan_guard.bad_step(pos.step + 1, group_loss, grad_norm):
-                    optimizer.step()
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos.step += 1
-                pos.group += 1
-                last_loss = group_loss
-                elapsed = time.perf_counter() - tick
-                events.emit("step", step=pos.step, epoch=pos.epoch, loss=group_loss, lr=lr_sched.get_last_lr()[0],
-                            grad_norm=grad_norm, images=views, seconds=elapsed, images_per_s=views / max(elapsed, 1e-9))
-                tick = time.perf_counter()
-                if stop_requested(stop, accelerator):
-                    raise TrainingInterrupted(stop.requested or "SIGINT", checkpoint())
-                if pos.step % cfg.save_steps == 0 and pos.step < total_steps:
-                    checkpoint()
+                group_loss = torch.zeros((), device=accelerator.device)
+                views = 0
+                for micro, indices in enumerate(group):
+                    with run.micro_batch(last=micro == len(group) - 1):
+                        loss = micro_batch_loss([samples[i] for i in indices], micro * world + rank)
+                        run.backward(loss, len(group))
+                    group_loss += loss.detach() / len(group)
+                    views += len(indices)
+                run.step(pos, group_loss, {"images": views}, rate="images")
                 if pos.step >= total_steps:
                     break
             if pos.group >= len(step_groups):
                 every = cfg.sample_every_n_epochs
                 if every and (pos.epoch + 1) % every == 0 and pos.step < total_steps:
                     write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
+                accelerator.wait_for_everyone()
                 pos.epoch += 1
                 pos.group = 0
-                tick = time.perf_counter()
+                run.reset_clock()
 
         # ---- export ------------------------------------------------------------------------------------------
-        checkpoint()
+        run.checkpoint(pos)
         lora_file, diffusers_file = out_dir / f"{cfg.name}.safetensors", out_dir / "pytorch_lora_weights.safetensors"
+        for part in wrapped:  # accelerate's autocast wrapper off: the caller gets the plain modules
+            accelerator.unwrap_model(part, keep_fp32_wrapper=False)
         if accelerator.is_main_process:
             export(out_dir)
             write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
-            events.emit("end", step=pos.step, final_loss=last_loss, lora=str(lora_file))
+            events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
+                        precision=cfg.mixed_precision, lora=str(lora_file))
+        accelerator.wait_for_everyone()
 
         def reload_unet():  # the exact fp32 UNet, for SDTrainResult.model
             return load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization).unet
 
-        return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, last_loss, events.history, model,
-                             reload_unet if frozen_dtype is not None else None)
+        return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, run.last_loss, events.history, model,
+                             reload_unet if frozen_dtype is not None else None, run.skipped_steps)
 
 
 @torch.no_grad()

@@ -1,0 +1,117 @@
+"""What this machine trains with: its device, the precision that is fast on it, and its measured speed.
+
+`mixed_precision: auto` (the default) is resolved here, from torch's own probes of the hardware:
+
+- a CUDA GPU with native bf16 (Ampere and newer): bf16;
+- an older CUDA GPU: fp16, with loss scaling;
+- a CPU with bf16 units (AVX512-BF16, or AMX on recent Xeons): bf16;
+- any other CPU: fp32. On an AVX2-only CPU torch emulates bf16 matmuls: measured on an AMD EPYC (2 cores,
+  torch 2.13), a 1024^3 bf16 matmul ran at 0.8 GFLOP/s against ~36 GFLOP/s in fp32, ~45x slower, and
+  the demo's first bf16 step took 162 s.
+
+torch is imported inside the functions only, so the config and the preflight can import this module
+without loading it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+# bf16 matmul against fp32 on a CPU without bf16 units (AMD EPYC, AVX2 only, torch 2.13; measured)
+EMULATED_BF16_SLOWDOWN = 45
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The training precision chosen for this run, in the config's words, and why."""
+
+    name: str  # "no" | "fp16" | "bf16"
+    device: str  # "cuda" | "cpu"
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.name == "no" else self.name
+
+
+def device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles), per torch's probes."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cuda_has_bf16() -> bool:
+    """Native bf16 on the current GPU. torch's default also answers True where it is only emulated."""
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def choose_precision(requested: str) -> Precision:
+    """`auto` resolved for this machine; any other setting is kept as written."""
+    device = device_type()
+    if requested != "auto":
+        return Precision(requested, device, "as set in the config")
+    if device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name()
+        if cuda_has_bf16():
+            return Precision("bf16", device, f"{gpu} computes bf16 natively")
+        return Precision("fp16", device, f"{gpu} has no native bf16; fp16 with loss scaling")
+    if cpu_has_bf16_units():
+        return Precision("bf16", device, "this CPU has bf16 units (AVX512-BF16/AMX)")
+    return Precision("no", device, f"this CPU has no bf16 units; bf16 would be emulated, "
+                                   f"~{EMULATED_BF16_SLOWDOWN}x slower")
+
+
+def precision_warning(requested: str) -> str | None:
+    """Why an explicitly chosen precision will be slow on this machine, or None."""
+    if requested != "bf16":
+        return None
+    if device_type() == "cpu" and not cpu_has_bf16_units():
+        return (f"mixed_precision: bf16 on a CPU without bf16 units (no AVX512-BF16/AMX): torch emulates bf16 "
+                f"there, ~{EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on an AVX2-only AMD EPYC). "
+                "Use mixed_precision: auto (fp32 here) or no")
+    if device_type() == "cuda" and not cuda_has_bf16():
+        return "mixed_precision: bf16 on a GPU without native bf16 is emulated and slow; use auto (fp16 here)"
+    return None
+
+
+@functools.cache
+def matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
+    """Measured FLOP/s of a square matmul in the training precision: the machine's speed for the estimate.
+
+    512^3 keeps one product under half a second even where bf16 is emulated (~0.8 GFLOP/s); on a GPU a
+    larger product is needed to fill it. Measured once per process: estimates made in one process compare.
+    """
+    import torch
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device == "cpu" and precision == "fp16":
+        dtype = torch.float32  # fp16 is not trained on CPUs (the preflight refuses it); fp32 is what runs
+    n = 4096 if device == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    a @ b  # first call: kernel selection, not speed
+    sync()
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < seconds:
+        a @ b
+        sync()
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start)
