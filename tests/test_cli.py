@@ -1,8 +1,12 @@
 """The commands as a user types them: wrappers, help, exit codes, messages."""
 
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 from lora_scripts.cli import COMMANDS, main
 
@@ -74,3 +78,35 @@ def test_demo_outside_the_project_folder_says_where_to_run_it(tmp_path, monkeypa
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "config file not found" in err and "run it from there (as `make demo` does), or pass --config" in err
+
+
+def test_demo_config_errors_from_the_project_folder_get_no_where_to_run_hint(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["demo", "lora_rnak=4"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_rnak: unknown key; did you mean lora_rank?" in err and "run it from there" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs_csv, tmp_path, sig):
+    out = tmp_path / "demo"
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"base_model: {tiny_llama}\nmetadata_path: {pairs_csv}\neval_data_path: {pairs_csv}\n"
+                   f"output_dir: {out}\nepochs: 2\nbatch_size: 4\nmax_new_tokens: 4\n")
+    script = textwrap.dedent(f"""
+        import os, sys
+        from lora_scripts import cli
+        from lora_scripts.train import events
+        real = events.Events.emit
+        def emit(self, kind, **data):
+            if kind == "step" and data["step"] == 2:
+                os.kill(os.getpid(), {int(sig)})  # a real signal, in the middle of training
+            return real(self, kind, **data)
+        events.Events.emit = emit
+        sys.exit(cli.main(["demo", "--config", "{cfg}", "mixed_precision=no"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"checkpoint saved: {out / 'checkpoint-000002'}" in proc.stderr
+    assert f"lora-scripts demo --config {cfg} mixed_precision=no resume_from=latest" in proc.stderr
