@@ -151,3 +151,20 @@ def test_time_estimate_follows_the_length_of_the_samples(tmp_path, tiny_llama):
     short, long = estimate_seconds(10), estimate_seconds(200)
     # 4 characters per token, plus ~35 for the chat template's headers: ~15 + 35 vs ~250 + 35 tokens a sample
     assert 5 < long / short < 10, (short, long)
+
+
+def test_the_precision_chosen_is_printed_and_an_emulated_bf16_is_warned(tmp_path, pairs_csv, tiny_llama):
+    from lora_scripts.hardware import choose_precision, cpu_has_bf16_units
+
+    base = [f"base_model={tiny_llama}", f"metadata_path={pairs_csv}", f"output_dir={tmp_path / 'o'}"]
+    auto = run_preflight(load_config(None, base))
+    chosen = choose_precision("auto")
+    assert has([f.message for f in auto.findings], f"precision: {chosen.label} on {chosen.device} ({chosen.reason})")
+    bf16 = run_preflight(load_config(None, [*base, "mixed_precision=bf16"]))
+    warnings = [f.message for f in bf16.findings if f.level == "warning"]
+    if chosen.device == "cpu" and not cpu_has_bf16_units():
+        assert has(warnings, "bf16 on a CPU without bf16 units") and has(warnings, "~45x slower than fp32")
+        assert "rough estimate on cpu in bf16" in " ".join(f.message for f in bf16.findings)
+        assert bf16.estimated_seconds > 10 * auto.estimated_seconds  # measured: emulated bf16 is far slower
+    else:
+        assert not has(warnings, "bf16")

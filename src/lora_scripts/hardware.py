@@ -56,6 +56,10 @@ def cuda_has_bf16() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
+def bf16_is_emulated(precision: str, device: str) -> bool:
+    return precision == "bf16" and device == "cpu" and not cpu_has_bf16_units()
+
+
 def choose_precision(requested: str) -> Precision:
     """`auto` resolved for this machine; any other setting is kept as written."""
     device = device_type()
@@ -91,15 +95,16 @@ def precision_warning(requested: str) -> str | None:
 def matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
     """Measured FLOP/s of a square matmul in the training precision: the machine's speed for the estimate.
 
-    512^3 keeps one product under half a second even where bf16 is emulated (~0.8 GFLOP/s); on a GPU a
-    larger product is needed to fill it. Measured once per process: estimates made in one process compare.
+    1024^3 is near the CPU's matmul peak in fp32 and with bf16 units; where bf16 is emulated (~1 GFLOP/s)
+    256^3 keeps each product at tens of milliseconds; a GPU needs a larger product to fill it. Measured
+    once per process: estimates made in one process compare.
     """
     import torch
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if device == "cpu" and precision == "fp16":
         dtype = torch.float32  # fp16 is not trained on CPUs (the preflight refuses it); fp32 is what runs
-    n = 4096 if device == "cuda" else 512
+    n = 4096 if device == "cuda" else 256 if bf16_is_emulated(precision, device) else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
 

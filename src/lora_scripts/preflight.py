@@ -14,18 +14,28 @@ from pathlib import Path
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
-from lora_scripts.hardware import Precision, choose_precision, matmul_flops, precision_warning
+from lora_scripts.hardware import (
+    Precision,
+    bf16_is_emulated,
+    choose_precision,
+    matmul_flops,
+    precision_warning,
+)
 from lora_scripts.models.detect import ModelTypeError, detect_model_type
 from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
 from lora_scripts.train.common import plan_steps
 
 SWEET_SPOT = (50, 200)
 # The share of this machine's measured matmul speed (hardware.matmul_flops, in the training precision) that
-# a LoRA training step reaches, its work counted as 4 x parameters x tokens: used only for the time
-# estimate. Measured with the demo (SmolLM2-135M, batch 8): CPU fp32 on an AVX2-only AMD EPYC, CPU bf16 on
-# a Xeon with AMX (2 cores each). CUDA: a guess, not yet measured.
-EFFICIENCY = {("cpu", "no"): 0.30, ("cpu", "bf16"): 0.09, ("cuda", "bf16"): 0.3, ("cuda", "fp16"): 0.3,
-              ("cuda", "no"): 0.3}
+# a LoRA training step reaches, its work counted as 4 x parameters x tokens (generous: frozen weights get no
+# weight gradient, the LM head sees labelled tokens only): used only for the time estimate. From the demo
+# (SmolLM2-135M, batch 8, 2 cores): fp32 on an AVX2-only AMD EPYC, 357 s of steps at a probe of 115-120
+# GFLOP/s: 0.62-0.67. bf16 on a Xeon with AMX: ~2e11 FLOP/s effective (2.5 min of steps) against a ~2e12
+# matmul peak: ~0.1 (from the earlier runs, not re-measured with this probe). Emulated bf16 (AVX2 only):
+# ~5 tokens/s against a ~1.3 GFLOP/s probe (element-wise work is not emulated, so more than 1). CUDA: a
+# guess, not yet measured.
+EFFICIENCY = {("cpu", "no"): 0.6, ("cpu", "bf16"): 0.1, ("cpu", "bf16-emulated"): 2.0, ("cuda", "bf16"): 0.3,
+              ("cuda", "fp16"): 0.3, ("cuda", "no"): 0.3}
 CHAT_TEMPLATE_TOKENS = 35  # role headers and end-of-turn tokens a chat template adds to each sample
 
 
@@ -258,7 +268,8 @@ def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Repor
         latents = (cfg.resolution // 8) ** 2
         flops = 4 * params * latents * cfg.batch_size * cfg.gradient_accumulation_steps * total_steps / 16
     speed = matmul_flops(name, device)  # this machine, now, in the precision the run will use
-    seconds = report.estimated_seconds = flops / (speed * EFFICIENCY.get((device, name), 0.3))
+    kind = f"{name}-emulated" if bf16_is_emulated(name, device) else name
+    seconds = report.estimated_seconds = flops / (speed * EFFICIENCY.get((device, kind), 0.3))
     mem_gb = params * 4 / 1e9 * (1.5 if name == "no" else 1.2) + 1.5
     took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
     return (f"rough estimate on {device} in {precision.label} (matmuls measured at {speed / 1e9:,.0f} GFLOP/s): "
