@@ -113,3 +113,25 @@ def test_every_optimizer_and_schedule_builds_and_steps():
             assert lrs[-1] < 0.2, sched_name
         if sched_name == "cosine_with_restarts":
             assert any(b > a + 0.3 for a, b in zip(lrs[3:], lrs[4:]))  # the restart jumps back up
+
+
+def test_each_rank_gets_its_own_generator_back(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_scripts.train.common import load_rng_state, save_rng_state
+
+    states = []
+    for seed in (1, 2):  # what two ranks would hold
+        torch.manual_seed(seed)
+        states.append({"torch": torch.get_rng_state()})
+    draws = [torch.manual_seed(s) and torch.rand(4) for s in (1, 2)]
+    save_rng_state(tmp_path, states)
+    for rank, expected in [(0, draws[0]), (1, draws[1]), (2, draws[0])]:  # a rank it has no state for: rank 0's
+        load_rng_state(tmp_path, rank)
+        assert torch.equal(torch.rand(4), expected), rank
+    # a checkpoint written before per-rank states ("torch" alone) still resumes
+    torch.manual_seed(3)
+    save_file({"torch": torch.get_rng_state()}, str(tmp_path / "rng.safetensors"))
+    expected = torch.rand(4)
+    load_rng_state(tmp_path, 0)
+    assert torch.equal(torch.rand(4), expected)

@@ -140,7 +140,7 @@ def test_sd_training_in_bf16_changes_the_model_only_while_it_runs(tiny_sd15, sty
     assert result.trained_model.unet.conv_in.weight.dtype == torch.bfloat16  # restored only when asked for
     assert set(lora_flags(result.model.unet)) == set(lora_flags(result.model.text_encoders[0])) == {True}
     base = load_sd(str(ckpt), "sd15", cfg_dir).unet.state_dict()
-    trained = {k.replace(".base_layer", ""): v for k, v in result.model.unet.state_dict().items() if "lora_" not in k}
+    trained = {k.replace(".base_layer", ""): v.cpu() for k, v in result.model.unet.state_dict().items() if "lora_" not in k}
     assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
 
 

@@ -77,7 +77,7 @@ def fp16_run(tmp_path, **cfg):
 
 def fp16_step(run, layer, accelerator, pos, loss_factor: float):
     """loss = factor x sum(W x) for x = 0.5: d loss / d output = factor, times the loss scale in fp16."""
-    x = torch.full((1, 4), 0.5)
+    x = torch.full((1, 4), 0.5, device=accelerator.device)
     with run.micro_batch(last=True), accelerator.autocast():
         loss = layer(x).float().sum() * loss_factor  # the layer's matmul runs in fp16 (autocast)
         run.backward(loss, 1)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from lora_scripts.config import load_config
 from lora_scripts.data import images as imgdata
+from lora_scripts.hardware import device_type
 from lora_scripts.preflight import run_preflight
 
 
@@ -108,8 +109,11 @@ def test_missing_paths_and_contradictions(tmp_path):
     assert has(report.errors, "nope: not a folder")
     report, _ = findings(tmp_path, base_model=tmp_path / "missing.safetensors", train_data_dir=tmp_path)
     assert has(report.errors, "missing.safetensors: no such file or folder")
-    report, _ = findings(tmp_path, mixed_precision="fp16", train_data_dir=tmp_path)
-    assert has(report.errors, "fp16 needs a CUDA GPU")
+    report, messages = findings(tmp_path, mixed_precision="fp16", train_data_dir=tmp_path)
+    if device_type() == "cpu":  # a CPU-only rule: on a GPU fp16 is allowed, and said so
+        assert has(report.errors, "fp16 needs a CUDA GPU")
+    else:
+        assert not has(report.errors, "fp16") and has(messages, "precision: fp16 on cuda")
 
 
 def test_llm_plan_warnings(tmp_path, pairs_csv, tiny_llama):

@@ -26,7 +26,7 @@ def test_smollm2_learns_the_house_style_direction(tmp_path):
 
     ids = torch.tensor([[1, 9690, 198, 19556, 1209, 18183, 2]])
     with torch.no_grad():
-        trained = result.model.eval()(input_ids=ids).logits
+        trained = result.model.eval()(input_ids=ids.to(result.model.device)).logits.cpu()
         base, _ = load_llm("smollm2-135m-instruct")
         reloaded = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert float((trained - reloaded).abs().max()) <= 1e-5

@@ -82,13 +82,15 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_") for k in keys)
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
 
-    def unet_out(pipe):
+    def unet_out(pipe):  # on the pipeline's device (the trained one is on the GPU where there is one)
+        dev = pipe.unet.device
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 4, 16, 16, generator=g)
-        hidden = torch.randn(1, 77, 32 + 48, generator=g)  # both encoders' widths
-        cond = {"text_embeds": torch.randn(1, 48, generator=g), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+        x = torch.randn(1, 4, 16, 16, generator=g).to(dev)
+        hidden = torch.randn(1, 77, 32 + 48, generator=g).to(dev)  # both encoders' widths
+        cond = {"text_embeds": torch.randn(1, 48, generator=g).to(dev),
+                "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]], device=dev)}
         with torch.no_grad():
-            return pipe.unet(x, torch.tensor([400]), hidden, added_cond_kwargs=cond).sample
+            return pipe.unet(x, torch.tensor([400], device=dev), hidden, added_cond_kwargs=cond).sample.cpu()
 
     expected = unet_out(result.model.pipe)
     for file in [result.lora_file, result.diffusers_file]:
@@ -127,7 +129,7 @@ def test_sd_trains_on_two_processes_from_the_command_line(tiny_sd15, style_image
                    f"output_dir: {tmp_path / 'o'}\nresolution: 64\nbatch_size: 1\nrepeats: 1\nmax_train_steps: 2\n"
                    "lora_rank: 4\nsample_every_n_epochs: null\nmixed_precision: 'no'\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env["LORA_SCRIPTS_CACHE"] = str(tmp_path / "cache")
+    env.update(LORA_SCRIPTS_CACHE=str(tmp_path / "cache"), ACCELERATE_USE_CPU="1")  # CPU ranks, GPU or not
     proc = subprocess.run([sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(cfg),
                            "--num-processes", "2", "--no-progress"], capture_output=True, text=True, timeout=600,
                           env=env)

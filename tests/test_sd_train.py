@@ -44,13 +44,16 @@ def trained(tiny_sd15, tmp_path_factory):
 
 
 def unet_and_te_outputs(pipe, seed=0):
+    """UNet and text-encoder outputs on the pipeline's device (a trained one is on the GPU where there is
+    one), returned on the CPU."""
+    dev = pipe.unet.device
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, 16, 16, generator=g)
+    latents = torch.randn(1, 4, 16, 16, generator=g).to(dev)
     ids = pipe.tokenizer(["a neon city in the rain"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        hidden = pipe.text_encoder(ids)[0]
-        out = pipe.unet(latents, torch.tensor([500]), hidden).sample
-    return out, hidden
+        hidden = pipe.text_encoder(ids.to(dev))[0]
+        out = pipe.unet(latents, torch.tensor([500], device=dev), hidden).sample
+    return out.cpu(), hidden.cpu()
 
 
 def test_run_writes_every_output(trained):

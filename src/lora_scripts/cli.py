@@ -133,9 +133,14 @@ def _relaunch(args) -> int:
     """Start the ranks of this same training command with torchrun (gloo on CPU, NCCL on GPUs)."""
     import torch
 
+    from lora_scripts.hardware import device_type
+
     env = dict(os.environ)
-    if not torch.cuda.is_available():
+    if device_type() == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"  # accelerate then builds a CPU DDP over gloo
+    elif torch.cuda.device_count() < args.num_processes:
+        return _fail(f"--num-processes {args.num_processes} runs one process per GPU and this machine has "
+                     f"{torch.cuda.device_count()}; with ACCELERATE_USE_CPU=1 the processes run on the CPU instead")
     # rebuilt from the parsed arguments, so `python train.py ...` (which has no `train` word) relaunches too
     flags = [f for f, on in (("--fp16", args.fp16), ("--bf16", args.bf16), ("--no-progress", args.no_progress)) if on]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",

@@ -16,6 +16,7 @@ without loading it.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -37,8 +38,11 @@ class Precision:
 
 
 def device_type() -> str:
+    """cuda where a GPU is visible, unless ACCELERATE_USE_CPU (accelerate's own switch) asks for the CPU."""
     import torch
 
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -220,6 +220,8 @@ def load_rng_state(folder: Path, rank: int = 0) -> None:
     kind, keys, pos, has_gauss, cached = info["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     tensors = load_file(str(folder / "rng.safetensors"))
+    if "torch" in tensors:  # a checkpoint written before per-rank states: {"torch", "cuda0", ...}
+        tensors = {"torch.rank0": tensors["torch"], **({"cuda.rank0": tensors["cuda0"]} if "cuda0" in tensors else {})}
     mine = rank if f"torch.rank{rank}" in tensors else 0
     torch.set_rng_state(tensors[f"torch.rank{mine}"])
     if f"cuda.rank{mine}" in tensors and torch.cuda.is_available():
