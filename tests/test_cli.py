@@ -6,8 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from lora_scripts.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,8 +85,9 @@ def test_demo_config_errors_from_the_project_folder_get_no_where_to_run_hint(cap
     assert "lora_rnak: unknown key; did you mean lora_rank?" in err and "run it from there" not in err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs_csv, tmp_path, sig):
+def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs_csv, tmp_path):
+    """SIGTERM (Ctrl-C takes the same path, tested with `train` in test_llm_train)."""
+    sig = signal.SIGTERM
     out = tmp_path / "demo"
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(f"base_model: {tiny_llama}\nmetadata_path: {pairs_csv}\neval_data_path: {pairs_csv}\n"

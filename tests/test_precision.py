@@ -132,8 +132,14 @@ def test_a_nan_loss_under_fp16_is_still_the_nan_guards(tmp_path):
 # ---- both loops run fp16 through it ----------------------------------------------------------------------
 
 
-def first_grad_norms(events):
-    return [e["grad_norm"] for e in events if e["event"] == "step"]
+def assert_loss_scaled_like_fp32(fp16, fp32, n_steps: int, rel: float) -> None:
+    """Every fp16 step ran under loss scaling with no update skipped, and logged the true (unscaled) gradient
+    norm: the fp32 run's within fp16's rounding, not 65536 times it."""
+    steps = [e for e in fp16.events if e["event"] == "step"]
+    assert [e["loss_scale"] for e in steps] == [2.0**16] * n_steps and fp16.skipped_steps == 0
+    assert all(math.isfinite(e["loss"]) for e in steps)
+    fp32_norms = [e["grad_norm"] for e in fp32.events if e["event"] == "step"]
+    assert [e["grad_norm"] for e in steps] == pytest.approx(fp32_norms, rel=rel)
 
 
 def test_llm_loop_trains_in_fp16_with_loss_scaling_and_resumes_its_scale(tiny_llama, pairs_csv, tmp_path):
@@ -146,13 +152,7 @@ def test_llm_loop_trains_in_fp16_with_loss_scaling_and_resumes_its_scale(tiny_ll
             "sample_prompts": "[]", **kw}.items()])
 
     fp16 = train_llm(cfg("fp16", "fp16"), progress=False)
-    fp32 = train_llm(cfg("fp32", "no"), progress=False)
-    steps = [e for e in fp16.events if e["event"] == "step"]
-    assert [e["loss_scale"] for e in steps] == [2.0**16] * 3 and fp16.skipped_steps == 0
-    # the logged norm is the unscaled one: the fp32 run's within fp16's rounding, not 65536 times it
-    for a, b in zip(first_grad_norms(fp16.events), first_grad_norms(fp32.events)):
-        assert a == pytest.approx(b, rel=0.02)
-    assert all(math.isfinite(e["loss"]) for e in steps)
+    assert_loss_scaled_like_fp32(fp16, train_llm(cfg("fp32", "no"), progress=False), 3, rel=0.02)
     state = json.loads((tmp_path / "fp16" / "checkpoint-000002" / "state.json").read_text())
     assert state["grad_scaler"]["scale"] == 2.0**16
     adapter = load_file(tmp_path / "fp16" / "adapter_model.safetensors")
@@ -174,10 +174,6 @@ def test_sd_loop_trains_in_fp16_with_loss_scaling(tiny_sd15, style_images, tmp_p
             "save_precision": "fp32"}.items()])
 
     fp16 = train_sd(cfg("fp16", "fp16"), progress=False)
-    fp32 = train_sd(cfg("fp32", "no"), progress=False)
-    steps = [e for e in fp16.events if e["event"] == "step"]
-    assert [e["loss_scale"] for e in steps] == [2.0**16] * 2 and fp16.skipped_steps == 0
-    for a, b in zip(first_grad_norms(fp16.events), first_grad_norms(fp32.events)):
-        assert a == pytest.approx(b, rel=0.05)
+    assert_loss_scaled_like_fp32(fp16, train_sd(cfg("fp32", "no"), progress=False), 2, rel=0.05)
     lora = load_file(fp16.lora_file)
     assert lora and all(torch.isfinite(t).all() for t in lora.values())
