@@ -3,17 +3,16 @@
 import torch
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.train.common import (
+from lora_scripts.train.checkpoint import (
     Position,
-    build_optimizer,
-    build_scheduler,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    plan_steps,
     save_checkpoint,
     verify_checkpoint,
 )
+from lora_scripts.train.common import build_optimizer, build_scheduler
+from lora_scripts.train.plan import plan_steps
 
 
 def tiny_setup(seed=0):
@@ -118,7 +117,7 @@ def test_every_optimizer_and_schedule_builds_and_steps():
 def test_each_rank_gets_its_own_generator_back(tmp_path):
     from safetensors.torch import save_file
 
-    from lora_scripts.train.common import load_rng_state, save_rng_state
+    from lora_scripts.train.checkpoint import load_rng_state, save_rng_state
 
     states = []
     for seed in (1, 2):  # what two ranks would hold

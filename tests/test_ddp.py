@@ -18,7 +18,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     from safetensors.torch import save_file
     from lora_scripts.config import load_config
-    from lora_scripts.train.common import trainable_state
+    from lora_scripts.train.checkpoint import trainable_state
     family, out = sys.argv[1], sys.argv[2]
     cfg = load_config(None, sys.argv[3:])
     if family == "llm":

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from lora_scripts.config import ConfigError, load_config
 from lora_scripts.data.images import CaptionFileError, read_caption_csv
 from lora_scripts.safety import RunLock, RunLockedError, UnsafeFileError, check_safetensors
-from lora_scripts.train import common
+from lora_scripts.train import checkpoint
 from lora_scripts.train import llm as llm_train
+from lora_scripts.train.errors import TrainingStopped
 
 
 def args(model, data, out, **kw):
@@ -44,7 +45,7 @@ def test_lock_of_a_dead_run_is_taken_over(tiny_llama, pairs_csv, tmp_path):
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_llama, pairs_csv, tmp_path, monkeypatch):
-    real = common.save_file
+    real = checkpoint.save_file
     calls = {"n": 0}
 
     def fills_the_disk(tensors, path, *a, **k):
@@ -53,14 +54,14 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_llama, pairs_
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(common, "save_file", fills_the_disk)
+    monkeypatch.setattr(checkpoint, "save_file", fills_the_disk)
     out = tmp_path / "full"
-    with pytest.raises(common.DiskFullError) as err:
+    with pytest.raises(checkpoint.DiskFullError) as err:
         llm_train.train_llm(args(tiny_llama, pairs_csv, out), progress=False)
     msg = str(err.value)
     assert f"disk full while writing checkpoint {out / 'checkpoint-000004'}" in msg
     assert "MB free" in msg and f"previous checkpoint {out / 'checkpoint-000002'} is intact" in msg
-    assert common.verify_checkpoint(out / "checkpoint-000002") is None
+    assert checkpoint.verify_checkpoint(out / "checkpoint-000002") is None
     assert not list(out.glob(".tmp-*")) and not (out / "checkpoint-000004").exists()
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert max(e.get("step", 0) for e in events if e["event"] == "step") == 4  # it did not train on
@@ -83,7 +84,7 @@ def test_nan_steps_can_be_skipped_up_to_a_limit(tiny_llama, pairs_csv, tmp_path,
     weights = torch.cat([p.flatten() for p in result.model.parameters() if p.requires_grad])
     assert torch.isfinite(weights).all()  # the skipped updates never reached the weights
     calls["n"] = 0
-    with pytest.raises(common.TrainingStopped, match="loss became nan at step 5"):
+    with pytest.raises(TrainingStopped, match="loss became nan at step 5"):
         llm_train.train_llm(args(tiny_llama, pairs_csv, tmp_path / "stop", skip_nan_steps=1, epochs=1), progress=False)
 
 
@@ -92,7 +93,7 @@ def test_out_of_memory_names_the_knobs_to_turn(tiny_llama, pairs_csv, tmp_path, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(llm_train, "causal_lm_loss", oom)
-    with pytest.raises(common.TrainingStopped) as err:
+    with pytest.raises(TrainingStopped) as err:
         llm_train.train_llm(args(tiny_llama, pairs_csv, tmp_path / "oom", batch_size=8, max_seq_length=512),
                             progress=False)
     msg = str(err.value)
@@ -164,23 +165,23 @@ def test_sigkill_during_a_checkpoint_write_leaves_no_valid_looking_checkpoint(ti
     script = f"""
 import os, signal
 from lora_scripts.config import load_config
-from lora_scripts.train import common, llm
-real = common.torch.save
+from lora_scripts.train import checkpoint, llm
+real = checkpoint.torch.save
 def save(obj, path, *a, **k):
     real(obj, path, *a, **k)
     if "checkpoint-000004" in str(path) and str(path).endswith("optimizer.pt"):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-write: optimizer saved, scheduler/rng/COMPLETE not yet
-common.torch.save = save
+checkpoint.torch.save = save
 llm.train_llm(load_config(None, {[f"base_model={tiny_llama}", f"metadata_path={pairs_csv}", f"output_dir={out}",
                                   "epochs=2", "batch_size=4", "save_steps=2"]!r}), progress=False)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9
     assert list(out.glob(".tmp-checkpoint-000004-*"))  # the half-written folder is there, hidden...
-    assert [p.name for p in common.list_checkpoints(out)] == ["checkpoint-000002"]  # ...and never listed
-    assert common.find_resume_checkpoint("latest", out) == out / "checkpoint-000002"
-    with pytest.raises(common.ResumeError, match="no COMPLETE.json"):
-        common.find_resume_checkpoint(str(next(out.glob(".tmp-checkpoint-000004-*"))), out)
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-000002"]  # ...and never listed
+    assert checkpoint.find_resume_checkpoint("latest", out) == out / "checkpoint-000002"
+    with pytest.raises(checkpoint.ResumeError, match="no COMPLETE.json"):
+        checkpoint.find_resume_checkpoint(str(next(out.glob(".tmp-checkpoint-000004-*"))), out)
     # the resumed run clears the debris and finishes
     resumed = llm_train.train_llm(args(tiny_llama, pairs_csv, out, resume_from="latest"), progress=False)
     assert resumed.steps == 12 and not list(out.glob(".tmp-*"))

@@ -17,7 +17,8 @@ from lora_scripts.config import load_config
 from lora_scripts.data import text as td
 from lora_scripts.hardware import device_type
 from lora_scripts.train import llm as llm_train
-from lora_scripts.train.common import TrainingStopped, list_checkpoints, verify_checkpoint
+from lora_scripts.train.checkpoint import list_checkpoints, verify_checkpoint
+from lora_scripts.train.errors import TrainingStopped
 
 
 def overrides(model, data, out, **kw):

@@ -10,13 +10,9 @@ from safetensors.torch import load_file
 
 from lora_scripts import hardware
 from lora_scripts.config import ConfigError, load_config
-from lora_scripts.train.common import (
-    MAX_OVERFLOW_SKIPS,
-    Position,
-    TrainingRun,
-    TrainingStopped,
-    start_accelerator,
-)
+from lora_scripts.train.checkpoint import Position
+from lora_scripts.train.errors import TrainingStopped
+from lora_scripts.train.run import MAX_OVERFLOW_SKIPS, TrainingRun, start_accelerator
 
 
 def test_auto_is_what_this_machine_computes_fast():

@@ -172,3 +172,15 @@ def test_the_precision_chosen_is_printed_and_an_emulated_bf16_is_warned(tmp_path
         assert bf16.estimated_seconds > 10 * auto.estimated_seconds  # measured: emulated bf16 is far slower
     else:
         assert not has(warnings, "bf16")
+
+
+def test_the_preflight_and_the_config_load_no_ml_library():
+    """`validate` must answer before any ML library loads: importing it pulls in none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_scripts.preflight, lora_scripts.config; "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'peft', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -21,14 +21,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.models.llm import ModelLoadError
     from lora_scripts.models.sd import SDLoadError
     from lora_scripts.safety import RunLockedError, UnsafeFileError
-    from lora_scripts.train.common import ResumeError
+    from lora_scripts.train.errors import ResumeError
 
     return (CaptionFileError, DataError, ModelLoadError, SDLoadError, ResumeError, FileNotFoundError,
             UnsafeFileError, RunLockedError)
 
 
 def _stopped() -> type[Exception]:
-    from lora_scripts.train.common import TrainingStopped
+    from lora_scripts.train.errors import TrainingStopped
 
     return TrainingStopped
 
@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
         print(report.render(), file=sys.stderr)
     if not report.ok:
         return _fail("preflight found problems; nothing was trained")
-    from lora_scripts.train.common import TrainingStopped
+    from lora_scripts.train.errors import TrainingStopped
 
     USER_ERRORS = _user_errors()
     cfg = cfg.model_copy(update={"model_type": report.model_type})
@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
 
 def _interrupted(exc: KeyboardInterrupt, command: list[str]) -> int:
     """Ctrl-C or SIGTERM: where the run stands and the command that continues it; exit code 130."""
-    from lora_scripts.train.common import TrainingInterrupted
+    from lora_scripts.train.errors import TrainingInterrupted
 
     resume = " ".join(shlex.quote(a) for a in [*command, "resume_from=latest"])
     saved = (f"checkpoint saved: {exc.checkpoint}" if isinstance(exc, TrainingInterrupted) and exc.checkpoint

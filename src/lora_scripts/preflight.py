@@ -23,7 +23,7 @@ from lora_scripts.hardware import (
 )
 from lora_scripts.models.detect import ModelTypeError, detect_model_type
 from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
-from lora_scripts.train.common import plan_steps
+from lora_scripts.train.plan import plan_steps
 
 SWEET_SPOT = (50, 200)
 # The share of this machine's measured matmul speed (hardware.matmul_flops, in the training precision) that
@@ -209,10 +209,8 @@ def check_image_data(cfg: TrainConfig, report: Report) -> int:
         usable.append(it)
     if not usable:
         return 0
-    from lora_scripts.data.sd_data import describe_repeats, plan_repeats
-
-    repeats = plan_repeats(usable, cfg.repeats)
-    report.info(f"{folder}: {len(items)} images; {describe_repeats(usable, repeats)}")
+    repeats = imgdata.plan_repeats(usable, cfg.repeats)
+    report.info(f"{folder}: {len(items)} images; {imgdata.describe_repeats(usable, repeats)}")
     report.n_images = len(usable)
     return sum(repeats)
 

@@ -8,6 +8,7 @@ their images N times per epoch.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,3 +174,28 @@ def load_captioned_images(folder: Path, metadata_path: Path | None = None, trigg
         raise CaptionFileError(f"{len(missing)} image(s) have no caption: {', '.join(missing[:10])}"
                                + (" ..." if len(missing) > 10 else ""))
     return items
+
+
+# ---- repeats: how often each image is seen per epoch (read by the preflight too) ------------------------
+
+FLAT_FOLDER_VIEWS = 100  # image views per epoch that auto-repeats aim for with a flat folder
+
+
+def auto_repeats(items: list[ImageItem]) -> int:
+    """Repeats for a flat folder so that one epoch holds about FLAT_FOLDER_VIEWS image views."""
+    return max(1, math.ceil(FLAT_FOLDER_VIEWS / max(len(items), 1)))
+
+
+def plan_repeats(items: list[ImageItem], repeats: int | None) -> list[int]:
+    """Views per epoch of each image: `repeats` if set, else kohya's N_name folders, else auto for a flat folder."""
+    if repeats:
+        return [repeats] * len(items)
+    if any(it.repeats > 1 for it in items):
+        return [it.repeats for it in items]
+    return [auto_repeats(items)] * len(items)
+
+
+def describe_repeats(items: list[ImageItem], repeats: list[int]) -> str:
+    if len(set(repeats)) == 1:
+        return f"{len(items)} images x {repeats[0]} repeats = {sum(repeats)} views per epoch"
+    return f"{len(items)} images, repeats from the N_name folders: {sum(repeats)} views per epoch"

@@ -25,8 +25,6 @@ from safetensors.torch import load_file, save_file
 from lora_scripts.data.images import ImageItem, open_rgb
 from lora_scripts.hashing import sha256_file
 
-FLAT_FOLDER_VIEWS = 100  # image views per epoch that auto-repeats aim for with a flat folder
-
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
     """(width, height) pairs with width*height <= resolution², both multiples of `step`."""
@@ -61,26 +59,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB → (3, H, W) in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def auto_repeats(items: list[ImageItem]) -> int:
-    """Repeats for a flat folder so that one epoch holds about FLAT_FOLDER_VIEWS image views."""
-    return max(1, math.ceil(FLAT_FOLDER_VIEWS / max(len(items), 1)))
-
-
-def plan_repeats(items: list[ImageItem], repeats: int | None) -> list[int]:
-    """Views per epoch of each image: `repeats` if set, else kohya's N_name folders, else auto for a flat folder."""
-    if repeats:
-        return [repeats] * len(items)
-    if any(it.repeats > 1 for it in items):
-        return [it.repeats for it in items]
-    return [auto_repeats(items)] * len(items)
-
-
-def describe_repeats(items: list[ImageItem], repeats: list[int]) -> str:
-    if len(set(repeats)) == 1:
-        return f"{len(items)} images x {repeats[0]} repeats = {sum(repeats)} views per epoch"
-    return f"{len(items)} images, repeats from the N_name folders: {sum(repeats)} views per epoch"
 
 
 def augment_caption(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int, dropout: float) -> str:

@@ -20,8 +20,10 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # tensors are made only by the collate functions, so reading data needs no torch
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -283,6 +285,8 @@ def collate_packed(items: list[Tokenized], pad_to_multiple_of: int = 1, pad_id: 
     gradients are those of the row without them, and the longest segment (which sets the attention cost)
     grows only if the shortest one outgrows it.
     """
+    import torch
+
     total = sum(len(t) for t in items)
     fill = -total % pad_to_multiple_of
     shortest = min(range(len(items)), key=lambda i: len(items[i]))
@@ -305,6 +309,8 @@ def collate_packed(items: list[Tokenized], pad_to_multiple_of: int = 1, pad_id: 
 
 def collate_padded(items: list[Tokenized], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch for models that cannot take packed sequences."""
+    import torch
+
     longest = max(len(t) for t in items)
     longest += -longest % pad_to_multiple_of
     ids = torch.full((len(items), longest), pad_id)

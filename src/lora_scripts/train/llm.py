@@ -29,16 +29,15 @@ from lora_scripts.models.llm import (
 )
 from lora_scripts.train.chunked_ce import linear_cross_entropy
 from lora_scripts.train.common import (
-    TrainingRun,
     build_optimizer,
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
-    plan_steps,
     seed_everything,
-    start_accelerator,
 )
 from lora_scripts.train.events import plot_loss_curve
+from lora_scripts.train.plan import plan_steps
+from lora_scripts.train.run import TrainingRun, start_accelerator
 
 # peft still calls a transformers property that warns on every model load; it is not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -19,24 +19,23 @@ import torch.nn.functional as F
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
-from lora_scripts.data.images import load_captioned_images
+from lora_scripts.data.images import describe_repeats, load_captioned_images, plan_repeats
 from lora_scripts.export.kohya import kohya_state_dict, tag_frequency, training_metadata, write_kohya
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import SDModel, load_sd, restore_frozen_layers, store_frozen_layers_in
+from lora_scripts.train.checkpoint import Position
 from lora_scripts.train.common import (
     DTYPES,
-    Position,
-    TrainingRun,
     build_optimizer,
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
-    plan_steps,
     seed_everything,
-    start_accelerator,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
+from lora_scripts.train.plan import plan_steps
+from lora_scripts.train.run import TrainingRun, start_accelerator
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_CONV = ["conv1", "conv2", "proj_in", "proj_out"]
@@ -151,10 +150,10 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         # ---- data -----------------------------------------------------------------------------------
         items = load_captioned_images(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word)
         samples, table = sd_data.build_samples(items, cfg.resolution)
-        repeats = sd_data.plan_repeats(items, cfg.repeats)
+        repeats = plan_repeats(items, cfg.repeats)
         events.emit("info", message="buckets (width x height: images): "
                     + ", ".join(f"{w}x{h}: {n}" for (w, h), n in table.items()))
-        events.emit("info", message=sd_data.describe_repeats(items, repeats))
+        events.emit("info", message=describe_repeats(items, repeats))
 
         # ---- model and adapters ------------------------------------------------------------------------
         model = load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization)
