@@ -9,10 +9,9 @@ from safetensors.torch import load_file
 
 from lora_scripts.cli import main
 from lora_scripts.export.kohya import kohya_state_dict, write_kohya
-from lora_scripts.models.sd import load_sd
+from lora_scripts.models.sd import TE_TARGETS, UNET_ATTENTION, add_text_encoder_adapter, load_sd
 from lora_scripts.tools.lora_file import LoraFormatError, read_lora
 from lora_scripts.tools.ops import combine, convert, resize
-from lora_scripts.train.sd import TE_TARGETS, UNET_ATTENTION, add_text_encoder_adapter
 
 
 def make_kohya(ckpt, cfg_dir, path, seed, rank, alpha):

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from lora_scripts.config import TrainConfig
 from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
 from lora_scripts.safety import UnsafeFileError, check_safetensors
 
+if TYPE_CHECKING:
+    from lora_scripts.data.sd_data import Sample
+
 # SDXL's second text encoder must be wider than the first even in a tiny model: diffusers tells the two
 # apart in a single-file checkpoint by their embedding widths (768 vs 1280 in the real one).
 XL_TE2_EXTRA = 16
+# The SD adapter targets: UNet attention projections, the 3x3/1x1 convolutions LoCon adds, and the
+# text encoders' attention projections.
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_CONV = ["conv1", "conv2", "proj_in", "proj_out"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
@@ -213,3 +223,57 @@ def save_config_folder_for(pipe, folder: Path) -> Path:
         if tok is not None:
             tok.save_pretrained(folder / name)
     return folder
+
+
+# ---- adapters and conditioning ----------------------------------------------------------------------------
+
+
+def lora_config_for(cfg: TrainConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      init_lora_weights="gaussian", use_dora=cfg.lora_type == "dora",
+                      use_rslora=cfg.lora_type == "rslora")
+
+
+def add_text_encoder_adapter(te, config) -> None:
+    """peft LoRA layers in a transformers text encoder.
+
+    transformers' own `add_adapter` demands peft >= 0.22, which the registry does not have yet; peft's
+    injector does the same work. `peft_config` is recorded the way transformers does, so diffusers' and
+    peft's state-dict helpers find the adapter.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, te, adapter_name="default")
+    te.peft_config = {"default": config}
+    te._hf_peft_config_loaded = True
+
+
+def encode_prompts(model: SDModel, captions: list[str], encoders: list | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77, D) encoder hidden states and, for SDXL, the (B, D2) pooled embedding.
+
+    `encoders`: the text encoders to call, when they are trained (wrapped for several processes).
+    """
+    encoders = encoders or model.text_encoders
+    device = model.unet.device
+    ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(device) for tok in model.tokenizers]
+    if model.model_type != "sdxl":
+        return encoders[0](ids[0])[0], None
+    hidden, pooled = [], None
+    for te, tok_ids in zip(encoders, ids):
+        out = te(tok_ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
+        pooled = getattr(out, "text_embeds", None)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(samples: list[Sample]) -> torch.Tensor:
+    """(B, 6): original size, crop top-left and target size, as SDXL was conditioned."""
+    rows = []
+    for s in samples:
+        w, h = s.bucket
+        rows.append([h, w, 0, 0, h, w])
+    return torch.tensor(rows, dtype=torch.float32)

@@ -23,7 +23,19 @@ from lora_scripts.data.images import describe_repeats, load_captioned_images, pl
 from lora_scripts.export.kohya import kohya_state_dict, tag_frequency, training_metadata, write_kohya
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
-from lora_scripts.models.sd import SDModel, load_sd, restore_frozen_layers, store_frozen_layers_in
+from lora_scripts.models.sd import (
+    TE_TARGETS,
+    UNET_ATTENTION,
+    UNET_CONV,
+    SDModel,
+    add_text_encoder_adapter,
+    encode_prompts,
+    load_sd,
+    lora_config_for,
+    restore_frozen_layers,
+    sdxl_time_ids,
+    store_frozen_layers_in,
+)
 from lora_scripts.train.checkpoint import Position
 from lora_scripts.train.common import (
     DTYPES,
@@ -36,10 +48,6 @@ from lora_scripts.train.common import (
 from lora_scripts.train.events import Events, plot_loss_curve
 from lora_scripts.train.plan import plan_steps
 from lora_scripts.train.run import TrainingRun, start_accelerator
-
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-UNET_CONV = ["conv1", "conv2", "proj_in", "proj_out"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass
@@ -65,57 +73,6 @@ class SDTrainResult:
             restore_frozen_layers(self.trained_model.unet, self.reload_unet())
             self.reload_unet = None
         return self.trained_model
-
-
-def lora_config(cfg: TrainConfig, targets: list[str]):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      init_lora_weights="gaussian", use_dora=cfg.lora_type == "dora",
-                      use_rslora=cfg.lora_type == "rslora")
-
-
-def add_text_encoder_adapter(te, config) -> None:
-    """peft LoRA layers in a transformers text encoder.
-
-    transformers' own `add_adapter` demands peft >= 0.22, which the registry does not have yet; peft's
-    injector does the same work. `peft_config` is recorded the way transformers does, so diffusers' and
-    peft's state-dict helpers find the adapter.
-    """
-    from peft import inject_adapter_in_model
-
-    inject_adapter_in_model(config, te, adapter_name="default")
-    te.peft_config = {"default": config}
-    te._hf_peft_config_loaded = True
-
-
-def encode_prompts(model: SDModel, captions: list[str], encoders: list | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, 77, D) encoder hidden states and, for SDXL, the (B, D2) pooled embedding.
-
-    `encoders`: the text encoders to call, when they are trained (wrapped for several processes).
-    """
-    encoders = encoders or model.text_encoders
-    device = model.unet.device
-    ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids.to(device) for tok in model.tokenizers]
-    if model.model_type != "sdxl":
-        return encoders[0](ids[0])[0], None
-    hidden, pooled = [], None
-    for te, tok_ids in zip(encoders, ids):
-        out = te(tok_ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
-        pooled = getattr(out, "text_embeds", None)
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(samples: list[sd_data.Sample]) -> torch.Tensor:
-    """(B, 6): original size, crop top-left and target size, as SDXL was conditioned."""
-    rows = []
-    for s in samples:
-        w, h = s.bucket
-        rows.append([h, w, 0, 0, h, w])
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -162,11 +119,11 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             part.requires_grad_(False)
         vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow to NaN; encoding is cached anyway
         targets = cfg.target_modules if isinstance(cfg.target_modules, list) else UNET_ATTENTION
-        unet.add_adapter(lora_config(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
+        unet.add_adapter(lora_config_for(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
         train_te = cfg.text_encoder_lr is not None
         if train_te:
             for te in model.text_encoders:
-                add_text_encoder_adapter(te, lora_config(cfg, TE_TARGETS))
+                add_text_encoder_adapter(te, lora_config_for(cfg, TE_TARGETS))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         for part in [unet, *(model.text_encoders if train_te else [])]:
