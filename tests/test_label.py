@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from lora_scripts.cli import main
-from lora_scripts.data import captions as cap
-from lora_scripts.data.images import load_captioned_images
+from lora_scripts.data.images import load_captioned_images, open_rgb
+from lora_scripts.label import label_folder
+from lora_scripts.label.captioner import Captioner
+from lora_scripts.label.clip import ClipInterrogator, shipped_phrases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +39,9 @@ def reference_choice(clip_dir, image_path, threshold, max_phrases):
     from transformers import CLIPModel, CLIPProcessor
 
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
-    bank = cap.shipped_phrases()
+    bank = shipped_phrases()
     with torch.no_grad():
-        img = model.get_image_features(**proc(images=[cap.open_rgb(image_path)], return_tensors="pt"))
+        img = model.get_image_features(**proc(images=[open_rgb(image_path)], return_tensors="pt"))
         img = getattr(img, "pooler_output", img)
         img = img / img.norm(dim=-1, keepdim=True)
         best = []
@@ -54,7 +56,7 @@ def reference_choice(clip_dir, image_path, threshold, max_phrases):
 
 
 def test_chosen_phrases_are_the_top_scoring_ones(photos, tiny_clip):
-    result = cap.label_folder(photos, clip_model=str(tiny_clip), threshold=-1.0, max_phrases=5, progress=False)
+    result = label_folder(photos, clip_model=str(tiny_clip), threshold=-1.0, max_phrases=5, progress=False)
     for name, chosen in result.details.items():
         expected = reference_choice(tiny_clip, photos / name, -1.0, 5)
         assert [c[0] for c in chosen] == [e[0] for e in expected]
@@ -64,14 +66,14 @@ def test_chosen_phrases_are_the_top_scoring_ones(photos, tiny_clip):
     name, chosen = next(iter(result.details.items()))
     all_best = reference_choice(tiny_clip, photos / name, -1.0, 99)
     cut = (all_best[2][1] + all_best[3][1]) / 2
-    again = cap.label_folder(photos, photos / "t.csv", clip_model=str(tiny_clip), threshold=cut, max_phrases=99,
+    again = label_folder(photos, photos / "t.csv", clip_model=str(tiny_clip), threshold=cut, max_phrases=99,
                              progress=False)
     assert [c[0] for c in again.details[name]] == [b[0] for b in all_best[:3]]
 
 
 def test_csv_round_trips_through_the_training_loader(photos, tiny_clip):
     out = photos / "metadata.csv"
-    cap.label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, trigger="cybr_night", progress=False)
+    label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, trigger="cybr_night", progress=False)
     rows = read_rows(out)
     assert rows[0] == ["filename", "prompt"] and len(rows) == 6
     assert all(r[1].startswith("cybr_night, ") and r[1].count(",") >= 2 for r in rows[1:])
@@ -82,19 +84,19 @@ def test_csv_round_trips_through_the_training_loader(photos, tiny_clip):
 def test_existing_rows_survive_and_overwrite_keeps_a_backup(photos, tiny_clip):
     out = photos / "metadata.csv"
     out.write_text('filename,prompt\nimg01.png,"my own words, carefully written"\n')
-    result = cap.label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, progress=False)
+    result = label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, progress=False)
     assert result.kept == 1 and len(result.labelled) == 4 and "img01.png" not in result.labelled
     rows = dict(read_rows(out)[1:])
     assert rows["img01.png"] == "my own words, carefully written" and len(rows) == 5
     before = out.read_text()
-    cap.label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, overwrite=True, progress=False)
+    label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, overwrite=True, progress=False)
     assert (photos / "metadata.csv.bak").read_text() == before
     assert dict(read_rows(out)[1:])["img01.png"] != "my own words, carefully written"
 
 
 def test_interrupted_run_resumes_without_duplicates(photos, tiny_clip, monkeypatch):
     out = photos / "metadata.csv"
-    interrogator = cap.ClipInterrogator.load(tiny_clip, torch.device("cpu"))
+    interrogator = ClipInterrogator.load(tiny_clip, torch.device("cpu"))
     real = interrogator.similarities
     calls = {"n": 0}
 
@@ -106,11 +108,11 @@ def test_interrupted_run_resumes_without_duplicates(photos, tiny_clip, monkeypat
 
     monkeypatch.setattr(interrogator, "similarities", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        cap.label_folder(photos, out, batch_size=2, threshold=-1.0, interrogator=interrogator, progress=False)
+        label_folder(photos, out, batch_size=2, threshold=-1.0, interrogator=interrogator, progress=False)
     first = read_rows(out)
     assert len(first) == 3  # header + the first batch of 2
     monkeypatch.setattr(interrogator, "similarities", real)
-    cap.label_folder(photos, out, batch_size=2, threshold=-1.0, interrogator=interrogator, progress=False)
+    label_folder(photos, out, batch_size=2, threshold=-1.0, interrogator=interrogator, progress=False)
     rows = read_rows(out)
     names = [r[0] for r in rows[1:]]
     assert sorted(names) == [f"img{i:02d}.png" for i in range(5)] and len(set(names)) == 5
@@ -127,9 +129,9 @@ def test_corrupt_image_is_skipped_and_reported(photos, tiny_clip, capsys):
 
 
 def test_captioner_sentence_leads_the_prompt(photos, tiny_clip, tiny_blip):
-    result = cap.label_folder(photos, clip_model=str(tiny_clip), captioner=str(tiny_blip), trigger="tok",
+    result = label_folder(photos, clip_model=str(tiny_clip), captioner=str(tiny_blip), trigger="tok",
                               threshold=-1.0, max_phrases=3, dry_run=True, progress=False)
-    sentences = cap.Captioner(tiny_blip, torch.device("cpu")).caption([cap.open_rgb(photos / "img00.png")])
+    sentences = Captioner(tiny_blip, torch.device("cpu")).caption([open_rgb(photos / "img00.png")])
     prompt = result.labelled["img00.png"]
     assert prompt.startswith(f"tok, {sentences[0]}, ") if sentences[0] else prompt.startswith("tok, ")
     assert not (photos / "metadata.csv").exists()  # dry run wrote nothing

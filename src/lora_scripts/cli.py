@@ -348,7 +348,7 @@ def add_label(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_label(args) -> int:
-    from lora_scripts.data.captions import LabelError, label_folder
+    from lora_scripts.label import LabelError, label_folder
 
     try:
         result = label_folder(
