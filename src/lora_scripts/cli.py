@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,22 +13,25 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The one table of problems with the user's files, settings or inputs: a message and exit code 2, no
+    traceback. Anything else is a bug and keeps its traceback."""
+    from lora_scripts.config import ConfigError
     from lora_scripts.data.images import CaptionFileError
     from lora_scripts.data.text import DataError
+    from lora_scripts.export.peft import LoraSpecError
+    from lora_scripts.label import LabelError
+    from lora_scripts.launch import LaunchError
+    from lora_scripts.models.detect import ModelTypeError
     from lora_scripts.models.llm import ModelLoadError
     from lora_scripts.models.sd import SDLoadError
     from lora_scripts.safety import RunLockedError, UnsafeFileError
+    from lora_scripts.tools.lora_file import LoraFormatError
     from lora_scripts.train.errors import ResumeError
 
-    return (CaptionFileError, DataError, ModelLoadError, SDLoadError, ResumeError, FileNotFoundError,
-            UnsafeFileError, RunLockedError)
-
-
-def _stopped() -> type[Exception]:
-    from lora_scripts.train.errors import TrainingStopped
-
-    return TrainingStopped
+    return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,
+            ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError,
+            FileNotFoundError)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -61,44 +62,33 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from lora_scripts.config import ConfigError
+    from lora_scripts.launch import is_main_rank, is_rank_process, relaunch_train
     from lora_scripts.preflight import run_preflight
+    from lora_scripts.train import train
 
     _sigterm_as_ctrl_c()
     try:
         cfg = _load(args)
     except ConfigError as exc:
         return _fail(f"the config has problems:\n{exc}")
-    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch(args)
-    is_main = os.environ.get("RANK", "0") == "0"
+    if args.num_processes > 1 and not is_rank_process():
+        # rebuilt from the parsed arguments, so `python train.py ...` (which has no `train` word) relaunches too
+        flags = [f for f, on in (("--fp16", args.fp16), ("--bf16", args.bf16), ("--no-progress", args.no_progress)) if on]
+        return relaunch_train(args.num_processes, ["--config", args.config, *flags, *args.overrides])
     report = run_preflight(cfg)
-    if is_main:
+    if is_main_rank():
         print(report.render(), file=sys.stderr)
     if not report.ok:
         return _fail("preflight found problems; nothing was trained")
-    from lora_scripts.train.errors import TrainingStopped
-
-    USER_ERRORS = _user_errors()
     cfg = cfg.model_copy(update={"model_type": report.model_type})
     try:
-        if report.model_type == "llm":
-            from lora_scripts.train.llm import train_llm
-
-            result = train_llm(cfg, progress=not args.no_progress)
-            where = f"adapter in {result.adapter_dir}"
-        else:
-            from lora_scripts.train.sd import train_sd
-
-            result = train_sd(cfg, progress=not args.no_progress)
-            where = (f"LoRA in {result.lora_file} (WebUI/ComfyUI: <lora:{cfg.name}:0.8>) and "
-                     f"{result.diffusers_file} (diffusers)")
-    except TrainingStopped as exc:
-        return _fail(str(exc), EXIT_STOPPED)
-    except USER_ERRORS as exc:  # problems with the user's files, found after the preflight: no traceback
-        return _fail(str(exc))
+        result = train(cfg, progress=not args.no_progress)
     except KeyboardInterrupt as exc:
         return _interrupted(exc, ["python", "train.py", "--config", args.config, *args.overrides])
-    if is_main:
+    if is_main_rank():
+        where = (f"adapter in {result.adapter_dir}" if cfg.model_type == "llm" else
+                 f"LoRA in {result.lora_file} (WebUI/ComfyUI: <lora:{cfg.name}:0.8>) and {result.diffusers_file} "
+                 "(diffusers)")
         skipped = f" ({result.skipped_steps} updates skipped)" if result.skipped_steps else ""
         print(f"done: {result.steps} steps{skipped}; {where}; loss curve in "
               f"{result.output_dir / 'loss_curve.png'}; TensorBoard: tensorboard --logdir {cfg.log_dir}")
@@ -127,25 +117,6 @@ def _sigterm_as_ctrl_c() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handle)
-
-
-def _relaunch(args) -> int:
-    """Start the ranks of this same training command with torchrun (gloo on CPU, NCCL on GPUs)."""
-    import torch
-
-    from lora_scripts.hardware import device_type
-
-    env = dict(os.environ)
-    if device_type() == "cpu":
-        env["ACCELERATE_USE_CPU"] = "1"  # accelerate then builds a CPU DDP over gloo
-    elif torch.cuda.device_count() < args.num_processes:
-        return _fail(f"--num-processes {args.num_processes} runs one process per GPU and this machine has "
-                     f"{torch.cuda.device_count()}; with ACCELERATE_USE_CPU=1 the processes run on the CPU instead")
-    # rebuilt from the parsed arguments, so `python train.py ...` (which has no `train` word) relaunches too
-    flags = [f for f, on in (("--fp16", args.fp16), ("--bf16", args.bf16), ("--no-progress", args.no_progress)) if on]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
-           "-m", "lora_scripts.cli", "train", "--config", args.config, *flags, *args.overrides]
-    return subprocess.call(cmd, env=env)
 
 
 # ---- validate ------------------------------------------------------------------------------------------
@@ -200,72 +171,41 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     sd.add_argument("--model-config-dir", default=None, help="diffusers config folder for a non-standard checkpoint")
 
 
-def cmd_generate_sd(args, prompts: list[str], model_type: str) -> int:
-    from lora_scripts.export.peft import split_weight
-    from lora_scripts.models.sd import load_sd
-    from lora_scripts.sd_generate import apply_loras, parse_lora_tags, render, resolve_lora_name
-
-    model = load_sd(args.base, model_type, Path(args.model_config_dir) if args.model_config_dir else None)
-    native = model.pipe.unet.config.sample_size * 8
-    size = (args.width or native, args.height or native)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, raw in enumerate(prompts):
-        prompt, tags = parse_lora_tags(raw)
-        loras = [(Path(p), w) for p, w in (split_weight(s) for s in args.lora)]
-        try:
-            loras += [(resolve_lora_name(name, Path(args.lora_dir)), w) for name, w in tags]
-        except FileNotFoundError as exc:
-            return _fail(str(exc))
-        model.pipe.unload_lora_weights()
-        apply_loras(model.pipe, loras)
-        [image] = render(model, [prompt], negative=args.negative, steps=args.steps, guidance=args.guidance,
-                         seed=args.seed + i, size=size)
-        path = out / f"{i:03d}_seed{args.seed + i}.png"
-        image.save(path)
-        print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
-    return 0
-
-
 def cmd_generate(args) -> int:
-    from lora_scripts.export.peft import LoraSpecError, load_with_adapters
-    from lora_scripts.llm_generate import generate_replies
+    from lora_scripts.export.peft import split_weight
+    from lora_scripts.models.detect import detect_model_type
 
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    from lora_scripts.models.detect import ModelTypeError, detect_model_type
-
-    try:
-        model_type = detect_model_type(args.base)
-    except ModelTypeError as exc:
-        return _fail(str(exc))
+    model_type = detect_model_type(args.base)
     if model_type != "llm":
+        from lora_scripts.sd_generate import generate_images
+
         if not prompts:
             return _fail("give --prompt or --prompts-file for image generation")
-        return cmd_generate_sd(args, prompts, model_type)
+        written = generate_images(
+            args.base, model_type, prompts, [(Path(p), w) for p, w in map(split_weight, args.lora)], Path(args.out),
+            Path(args.lora_dir), Path(args.model_config_dir) if args.model_config_dir else None, args.negative,
+            args.steps, args.guidance, args.seed, args.width, args.height)
+        for path, prompt, loras in written:
+            print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
+        return 0
+    from lora_scripts.export.peft import load_with_adapters
+    from lora_scripts.llm_generate import chat, format_reply, generate_replies
+
     try:
         model, tokenizer = load_with_adapters(args.base, args.lora)
-    except (LoraSpecError, FileNotFoundError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # transformers' own words for a folder it cannot load
         return _fail(str(exc))
-
-    def answer(batch: list[str]) -> None:
-        for r in generate_replies(model, tokenizer, batch, args.max_new_tokens, temperature=args.temperature,
-                                  seed=args.seed):
-            print(f">>> {r.prompt}\n{r.text}\n" + ("" if r.stopped else "[max_new_tokens reached]\n"))
-
     if prompts:
-        answer(prompts)
+        for r in generate_replies(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed):
+            print(format_reply(r))
         return 0
     print("chat with the model; an empty line or Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            return 0
-        if not line:
-            return 0
-        answer([line])
+    chat(model, tokenizer, args.max_new_tokens, args.temperature, args.seed)
+    return 0
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -323,8 +263,6 @@ def cmd_demo(args) -> int:
         hint = ("" if args.config or Path(config).exists() else "\nthe demo's config and data live in the "
                 "lora-scripts folder: run it from there (as `make demo` does), or pass --config")
         return _fail(f"{exc}{hint}")
-    except _stopped() as exc:
-        return _fail(str(exc), EXIT_STOPPED)
     except KeyboardInterrupt as exc:
         return _interrupted(exc, ["lora-scripts", "demo", *(["--images"] if args.images else []),
                                   *(["--config", args.config] if args.config else []), *args.overrides])
@@ -543,18 +481,23 @@ class _DropTorchvisionFallbackNotice(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+TOOLS = ("inspect", "convert", "merge", "combine", "resize", "extract")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())
     args = build_parser().parse_args(argv)
-    if args.command in ("inspect", "convert", "merge", "combine", "resize", "extract"):
-        from lora_scripts.safety import UnsafeFileError
-        from lora_scripts.tools.lora_file import LoraFormatError
+    try:
+        return args.run(args)
+    except Exception as exc:  # the table is read only when something went wrong: it imports the ML libraries
+        from lora_scripts.train.errors import TrainingStopped
 
-        try:
-            return args.run(args)
-        except (LoraFormatError, UnsafeFileError, FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, TrainingStopped):
+            return _fail(str(exc), EXIT_STOPPED)
+        # the LoRA tools' ValueErrors are about the user's numbers and files (a rank too high, two formats)
+        if isinstance(exc, user_errors() + ((ValueError,) if args.command in TOOLS else ())):
             return _fail(str(exc))
-    return args.run(args)
+        raise
 
 
 if __name__ == "__main__":

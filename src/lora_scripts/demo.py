@@ -115,20 +115,25 @@ def write_neon_images(folder: Path, n: int = 12, seed: int = 0) -> None:
 
 def run_image_demo(config: str | None = None, overrides: list[str] | None = None) -> int:
     """Build the tiny SD1.5 model and the synthetic images once, then train and generate with the LoRA."""
-    from lora_scripts.cli import main as cli_main
     from lora_scripts.models.sd import build_tiny_sd, save_single_file
+    from lora_scripts.sd_generate import generate_images
+    from lora_scripts.train.sd import train_sd
 
     cfg = load_config(config or IMAGE_CONFIG, overrides)
-    ckpt = Path(cfg.base_model).expanduser()
+    ckpt, config_dir = Path(cfg.base_model).expanduser(), Path(cfg.model_config_dir).expanduser()
     if not ckpt.exists():
-        save_single_file(build_tiny_sd("sd15", width=32), ckpt, Path(cfg.model_config_dir).expanduser())
+        save_single_file(build_tiny_sd("sd15", width=32), ckpt, config_dir)
     if not Path(cfg.train_data_dir).exists():
         write_neon_images(Path(cfg.train_data_dir))
-    args = ["train", "--config", str(config or IMAGE_CONFIG), *(overrides or [])]
-    code = cli_main(args)
-    if code:
-        return code
-    return cli_main(["generate", "--base", str(ckpt), "--model-config-dir", str(Path(cfg.model_config_dir).expanduser()),
-                     "--lora-dir", str(cfg.output_dir), "--prompt", f"<lora:{cfg.name}:0.8>, neon_demo, a skyline",
-                     "--steps", "10", "--width", str(cfg.resolution), "--height", str(cfg.resolution),
-                     "--out", str(Path(cfg.output_dir) / "generated")])
+    report = run_preflight(cfg)
+    print(report.render(), file=sys.stderr)
+    if not report.ok:
+        return 2
+    result = train_sd(cfg.model_copy(update={"model_type": report.model_type}))
+    print(f"LoRA in {result.lora_file} (WebUI/ComfyUI: <lora:{cfg.name}:0.8>) and {result.diffusers_file} (diffusers)")
+    written = generate_images(str(ckpt), report.model_type, [f"<lora:{cfg.name}:0.8>, neon_demo, a skyline"], [],
+                              Path(cfg.output_dir) / "generated", Path(cfg.output_dir), config_dir, steps=10,
+                              width=cfg.resolution, height=cfg.resolution)
+    for path, prompt, loras in written:
+        print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
+    return 0

@@ -61,3 +61,20 @@ def generate_replies(
             replies.append(Reply(prompt=prompt, text=text, stopped=stopped, new_tokens=len(new)))
     model.train(was_training)
     return replies
+
+
+def format_reply(r: Reply) -> str:
+    return f">>> {r.prompt}\n{r.text}\n" + ("" if r.stopped else "[max_new_tokens reached]\n")
+
+
+def chat(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, ask=input, say=print) -> None:
+    """Answer line after line until an empty line or end of input (each line on its own, no history)."""
+    while True:
+        try:
+            line = ask("you> ").strip()
+        except EOFError:
+            return
+        if not line:
+            return
+        for r in generate_replies(model, tokenizer, [line], max_new_tokens, temperature=temperature, seed=seed):
+            say(format_reply(r))

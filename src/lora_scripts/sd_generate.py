@@ -74,3 +74,29 @@ def image_grid(images: list[Image.Image], captions: list[str] | None = None) -> 
             text = captions[i] if len(captions[i]) * 6 < w else captions[i][: max(1, w // 6 - 1)] + "…"
             draw.text((i * w + 2, h + 1), text, fill=(0, 0, 0))
     return grid
+
+
+def generate_images(base: str, model_type: str, prompts: list[str], loras: list[tuple[Path, float]], out: Path,
+                    lora_dir: Path = Path("."), model_config_dir: Path | None = None, negative: str = "",
+                    steps: int = 25, guidance: float = 7.0, seed: int = 0, width: int | None = None,
+                    height: int | None = None) -> list[tuple[Path, str, list[tuple[Path, float]]]]:
+    """One PNG per prompt in `out`, each with `loras` plus the prompt's own `<lora:name:w>` tags (looked up
+    in `lora_dir`); prompt i uses seed + i. Returns (file, prompt without tags, LoRAs applied) per image.
+    Raises FileNotFoundError for a tag that names no file in `lora_dir`."""
+    from lora_scripts.models.sd import load_sd
+
+    model = load_sd(base, model_type, model_config_dir)
+    native = model.pipe.unet.config.sample_size * 8
+    size = (width or native, height or native)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, raw in enumerate(prompts):
+        prompt, tags = parse_lora_tags(raw)
+        applied = list(loras) + [(resolve_lora_name(name, lora_dir), w) for name, w in tags]
+        model.pipe.unload_lora_weights()
+        apply_loras(model.pipe, applied)
+        [image] = render(model, [prompt], negative=negative, steps=steps, guidance=guidance, seed=seed + i, size=size)
+        path = out / f"{i:03d}_seed{seed + i}.png"
+        image.save(path)
+        written.append((path, prompt, applied))
+    return written

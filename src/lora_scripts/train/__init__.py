@@ -1,0 +1,19 @@
+"""Training: one plain loop per model family (llm.py, sd.py) around the run and optimizer step they share
+(run.py), with checkpoints (checkpoint.py), step planning (plan.py) and the event stream (events.py)."""
+
+from __future__ import annotations
+
+
+def train(cfg, progress: bool = True, callback=None):
+    """Train the family `cfg.model_type` names ("llm", or an SD type); the loop's result.
+
+    The loops are imported here, not at the top: importing `lora_scripts.train.plan` (as the preflight
+    does) must not load torch.
+    """
+    if cfg.model_type == "llm":
+        from lora_scripts.train.llm import train_llm
+
+        return train_llm(cfg, callback, progress)
+    from lora_scripts.train.sd import train_sd
+
+    return train_sd(cfg, callback, progress)
