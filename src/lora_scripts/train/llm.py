@@ -33,11 +33,10 @@ from lora_scripts.train.common import (
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
-    seed_everything,
 )
 from lora_scripts.train.events import plot_loss_curve
 from lora_scripts.train.plan import plan_steps
-from lora_scripts.train.run import TrainingRun, start_accelerator
+from lora_scripts.train.run import start_run
 
 # peft still calls a transformers property that warns on every model load; it is not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -169,27 +168,32 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[textdata.Sample], list[te
     return textdata.split_eval(samples, cfg.val_ratio, cfg.seed)
 
 
+def tokenize_for(model, tokenizer, train_samples: list[textdata.Sample], eval_samples: list[textdata.Sample],
+                 cfg: TrainConfig, events) -> tuple[list[textdata.Tokenized], list[textdata.Tokenized], textdata.TokenStats]:
+    """Both sets as token ids with response-only labels; a length past the model's context is an error, and
+    truncated samples are counted in a warning."""
+    ctx = context_length(model)
+    if ctx is not None and cfg.max_seq_length > ctx:
+        raise textdata.DataError(f"max_seq_length={cfg.max_seq_length} exceeds the model's context of {ctx} tokens")
+    train_data, stats = textdata.tokenize_all(tokenizer, train_samples, cfg.max_seq_length)
+    eval_data, _ = textdata.tokenize_all(tokenizer, eval_samples, cfg.max_seq_length)
+    if stats.truncated:
+        events.emit("warning", message=f"{stats.truncated} of {stats.samples} samples were longer than "
+                    f"max_seq_length={cfg.max_seq_length} tokens and were truncated")
+    return train_data, eval_data, stats
+
+
 def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
     from peft import get_peft_model
 
-    cfg, accelerator = start_accelerator(cfg)  # mixed_precision: auto resolved for this machine
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out_dir = Path(cfg.output_dir)
-    with TrainingRun(cfg, accelerator, "llm", callback, progress) as run:
-        events, stop = run.events, run.stop
-        seed_everything(cfg.seed)
+    with start_run(cfg, "llm", callback, progress) as run:  # mixed_precision: auto resolved for this machine
+        cfg, accelerator, events, stop, out_dir = run.cfg, run.accelerator, run.events, run.stop, run.out_dir
+        rank, world = accelerator.process_index, accelerator.num_processes
 
         # ---- data first: its errors must come before the slow model load -----------------------
         train_samples, eval_samples = load_training_data(cfg)
         model, tokenizer = load_llm(cfg.base_model, log=events.print)
-        ctx = context_length(model)
-        if ctx is not None and cfg.max_seq_length > ctx:
-            raise textdata.DataError(f"max_seq_length={cfg.max_seq_length} exceeds the model's context of {ctx} tokens")
-        train_data, stats = textdata.tokenize_all(tokenizer, train_samples, cfg.max_seq_length)
-        eval_data, _ = textdata.tokenize_all(tokenizer, eval_samples, cfg.max_seq_length)
-        if stats.truncated:
-            events.emit("warning", message=f"{stats.truncated} of {stats.samples} samples were longer than "
-                        f"max_seq_length={cfg.max_seq_length} tokens and were truncated")
+        train_data, eval_data, stats = tokenize_for(model, tokenizer, train_samples, eval_samples, cfg, events)
         packed = supports_packing(model)
         if packed:  # attend within each packed sample alone rather than through a whole-row mask
             model.set_attn_implementation(packed_attention.register())
@@ -234,9 +238,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         )
         events.print(f"training {n_trainable:,} LoRA parameters on {len(train_data)} samples: {total_steps} steps, "
                      f"{steps_per_epoch} per epoch, {'packed' if packed else 'padded'} batches of {cfg.batch_size}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if accelerator.is_main_process:
-            (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        run.save_config()
 
         eval_losses: list[tuple[int, float]] = []
 

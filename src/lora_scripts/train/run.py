@@ -27,6 +27,7 @@ from lora_scripts.train.checkpoint import (
     save_checkpoint,
     torch_rng_states,
 )
+from lora_scripts.train.common import seed_everything
 from lora_scripts.train.errors import TrainingInterrupted, TrainingStopped
 
 
@@ -175,6 +176,13 @@ def start_accelerator(cfg: TrainConfig):
     return cfg, accelerator
 
 
+def start_run(cfg: TrainConfig, family: str, callback=None, progress: bool = True) -> TrainingRun:
+    """The run of one training call: `with start_run(cfg, "llm") as run:`; `run.cfg` has the precision
+    resolved, `run.accelerator` is ready, and the random generators are seeded on entry."""
+    cfg, accelerator = start_accelerator(cfg)
+    return TrainingRun(cfg, accelerator, family, callback, progress)
+
+
 class TrainingRun:
     """What every run sets up and tears down around its loop, and the optimizer step both loops share.
 
@@ -212,6 +220,7 @@ class TrainingRun:
         self.stop = GracefulStop(self.events.print)
         self.nan_guard = NanGuard(self.cfg, out_dir, self.events)
         self.scoped = contextlib.ExitStack()
+        seed_everything(self.cfg.seed)
         return self
 
     def during(self, context):
@@ -239,6 +248,12 @@ class TrainingRun:
             torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
         self._tick = time.perf_counter()
         return pos
+
+    def save_config(self) -> None:
+        """The resolved config (auto precision and sniffed model type filled in) beside the outputs."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
 
     # ---- the step -------------------------------------------------------------------------------------
 

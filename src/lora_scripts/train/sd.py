@@ -43,11 +43,10 @@ from lora_scripts.train.common import (
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
-    seed_everything,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 from lora_scripts.train.plan import plan_steps
-from lora_scripts.train.run import TrainingRun, start_accelerator
+from lora_scripts.train.run import start_run
 
 
 @dataclass
@@ -93,15 +92,131 @@ def step_generators(cfg: TrainConfig, step: int, index: int) -> tuple[torch.Gene
     return torch.Generator().manual_seed(seed), random.Random(seed)
 
 
+def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.dtype | None]:
+    """LoRA on the UNet (and the text encoders when text_encoder_lr is set), everything else frozen; peft's
+    input casts off while the run lasts; frozen UNet layers in the training dtype. Returns (text encoders
+    trained, the frozen layers' dtype or None)."""
+    unet = model.unet
+    for part in [unet, model.vae, *model.text_encoders]:
+        part.requires_grad_(False)
+    targets = cfg.target_modules if isinstance(cfg.target_modules, list) else UNET_ATTENTION
+    unet.add_adapter(lora_config_for(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
+    train_te = cfg.text_encoder_lr is not None
+    if train_te:
+        for te in model.text_encoders:
+            add_text_encoder_adapter(te, lora_config_for(cfg, TE_TARGETS))
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for part in [unet, *(model.text_encoders if train_te else [])]:
+        run.during(lora_inputs_uncast(part, cfg.mixed_precision))
+    frozen_dtype = frozen_weights_dtype(cfg)
+    if frozen_dtype is not None:
+        store_frozen_layers_in(unet, frozen_dtype)
+    return train_te, frozen_dtype
+
+
+def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan) -> Callable:
+    """`export(folder)`: the kohya/A1111 file (with its ss_* metadata) and the diffusers file of the model
+    as it stands, in save_precision; used for every checkpoint and the final output."""
+    from lora_scripts.export.diffusers_lora import write_diffusers_lora
+
+    dtype = DTYPES[cfg.save_precision]
+    metadata = training_metadata(
+        cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
+        len(items), plan.total_steps, plan.epochs, train_te, cfg.lora_rank)
+
+    def export(folder: Path) -> tuple[Path, Path]:
+        tensors = kohya_state_dict(model.unet, model.text_encoders if train_te else [], model_type, dtype)
+        return write_kohya(folder / f"{cfg.name}.safetensors", tensors, metadata), write_diffusers_lora(
+            folder, model, train_te, dtype)
+
+    return export
+
+
+def filled_latent_cache(cfg: TrainConfig, vae, samples: list[sd_data.Sample], events) -> sd_data.LatentCache:
+    """Every image (and its flip, with flip_aug) encoded once, or read back from an earlier run."""
+    cache = sd_data.LatentCache(cache_root() / "latents", vae)
+    t0 = time.perf_counter()
+    for s in samples:
+        for flip in ([False, True] if cfg.flip_aug else [False]):
+            cache.get(s, flip)
+    events.emit("info", message=f"latent cache: {cache.hits} reused, {cache.misses} encoded "
+                f"in {time.perf_counter() - t0:.1f}s")
+    return cache
+
+
+class PromptEncoder:
+    """Captions -> (hidden states, pooled or None). With frozen text encoders and fixed captions each
+    caption is encoded once and reused; a trained encoder (or shuffled/dropped captions) encodes every step."""
+
+    def __init__(self, model: SDModel, trained_encoders: list | None, cached: bool):
+        self.model, self.trained_encoders, self.cached = model, trained_encoders, cached
+        self.cache: dict[str, tuple] = {}
+
+    def __call__(self, captions: list[str]):
+        if not self.cached:
+            return encode_prompts(self.model, captions, self.trained_encoders)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            with torch.no_grad():
+                hidden, pooled = encode_prompts(self.model, missing)
+            for i, c in enumerate(missing):
+                self.cache[c] = (hidden[i], None if pooled is None else pooled[i])
+        hidden = torch.stack([self.cache[c][0] for c in captions])
+        pooled = None if self.model.model_type != "sdxl" else torch.stack([self.cache[c][1] for c in captions])
+        return hidden, pooled
+
+
+@dataclass
+class DiffusionLoss:
+    """The loss of one micro-batch: latents (cached, or encoded now) -> noise at a random timestep -> the
+    UNet's prediction -> MSE against the noise (or v), optionally min-SNR weighted. Its randomness comes from
+    step_generators(step, index), so it is the same for a resumed run and for any number of processes."""
+
+    cfg: TrainConfig
+    model: SDModel
+    unet: torch.nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    noise_sched: object
+    cache: sd_data.LatentCache | None
+    conditioning: PromptEncoder
+    accelerator: object
+
+    def __call__(self, batch: list[sd_data.Sample], step: int, index: int) -> torch.Tensor:
+        cfg, model, noise_sched, device = self.cfg, self.model, self.noise_sched, self.accelerator.device
+        gen, rng = step_generators(cfg, step, index)
+        flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
+        if self.cache is not None:
+            latents = torch.stack([self.cache.get(s, f) for s, f in zip(batch, flips)])
+        else:
+            latents = torch.stack([sd_data.encode_image(model.vae, s, f) for s, f in zip(batch, flips)])
+        latents = latents.to(device)  # (B, 4, H/8, W/8)
+        captions = [sd_data.augment_caption(s.item.caption or "", rng, cfg.shuffle_caption, cfg.keep_tokens
+                                            + (1 if cfg.trigger_word else 0), cfg.caption_dropout_rate)
+                    for s in batch]
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen).to(device)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+        with self.accelerator.autocast():
+            hidden, pooled = self.conditioning(captions)
+            extra = {}
+            if model.model_type == "sdxl":
+                extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch).to(device)}}
+            pred = self.unet(noisy, t, hidden, **extra).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if cfg.min_snr_gamma:
+            loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
+        return loss.mean()
+
+
 def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainResult:
     from diffusers import DDPMScheduler
 
-    cfg, accelerator = start_accelerator(cfg)  # mixed_precision: auto resolved for this machine
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out_dir = Path(cfg.output_dir)
-    with TrainingRun(cfg, accelerator, "sd", callback, progress) as run:
-        events, stop = run.events, run.stop
-        seed_everything(cfg.seed)
+    with start_run(cfg, "sd", callback, progress) as run:  # mixed_precision: auto resolved for this machine
+        cfg, accelerator, events, stop, out_dir = run.cfg, run.accelerator, run.events, run.stop, run.out_dir
+        rank, world = accelerator.process_index, accelerator.num_processes
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
         # ---- data -----------------------------------------------------------------------------------
@@ -115,22 +230,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         # ---- model and adapters ------------------------------------------------------------------------
         model = load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization)
         unet, vae = model.unet, model.vae
-        for part in [unet, vae, *model.text_encoders]:
-            part.requires_grad_(False)
         vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow to NaN; encoding is cached anyway
-        targets = cfg.target_modules if isinstance(cfg.target_modules, list) else UNET_ATTENTION
-        unet.add_adapter(lora_config_for(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
-        train_te = cfg.text_encoder_lr is not None
-        if train_te:
-            for te in model.text_encoders:
-                add_text_encoder_adapter(te, lora_config_for(cfg, TE_TARGETS))
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        for part in [unet, *(model.text_encoders if train_te else [])]:
-            run.during(lora_inputs_uncast(part, cfg.mixed_precision))
-        frozen_dtype = frozen_weights_dtype(cfg)
-        if frozen_dtype is not None:
-            store_frozen_layers_in(unet, frozen_dtype)
+        train_te, frozen_dtype = attach_adapters(cfg, model, run)
         unet_params = [p for p in unet.parameters() if p.requires_grad]
         te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
         groups = [{"params": unet_params, "lr": cfg.learning_rate}]
@@ -153,85 +254,23 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        dtype = DTYPES[cfg.save_precision]
-        metadata = training_metadata(
-            cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
-            len(items), total_steps, plan.epochs, train_te, cfg.lora_rank)
-
-        def export(folder: Path) -> tuple[Path, Path]:
-            kohya = write_kohya(folder / f"{cfg.name}.safetensors",
-                                kohya_state_dict(unet, model.text_encoders if train_te else [], model_type, dtype),
-                                metadata)
-            from lora_scripts.export.diffusers_lora import write_diffusers_lora
-
-            return kohya, write_diffusers_lora(folder, model, train_te, dtype)
-
+        export = exporter(cfg, model, model_type, train_te, items, plan)
         run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export)
         pos = run.resume()
 
         # ---- caches ----------------------------------------------------------------------------------------
-        cache = sd_data.LatentCache(cache_root() / "latents", vae) if cfg.cache_latents else None
+        cache = filled_latent_cache(cfg, vae, samples, events) if cfg.cache_latents else None
         augment = cfg.shuffle_caption or cfg.caption_dropout_rate > 0
-        text_cache: dict[str, tuple] = {}
-        if cache is not None:
-            t0 = time.perf_counter()
-            for s in samples:
-                for flip in ([False, True] if cfg.flip_aug else [False]):
-                    cache.get(s, flip)
-            events.emit("info", message=f"latent cache: {cache.hits} reused, {cache.misses} encoded "
-                        f"in {time.perf_counter() - t0:.1f}s")
-
-        def conditioning(captions: list[str]):
-            if train_te or augment:
-                return encode_prompts(model, captions, te_train)
-            missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-            if missing:
-                with torch.no_grad():
-                    hidden, pooled = encode_prompts(model, missing)
-                for i, c in enumerate(missing):
-                    text_cache[c] = (hidden[i], None if pooled is None else pooled[i])
-            hidden = torch.stack([text_cache[c][0] for c in captions])
-            pooled = None if model.model_type != "sdxl" else torch.stack([text_cache[c][1] for c in captions])
-            return hidden, pooled
+        conditioning = PromptEncoder(model, te_train, cached=not (train_te or augment))
 
         events.emit("start", step=pos.step, total_steps=total_steps, epochs=plan.epochs,
                     steps_per_epoch=plan.steps_per_epoch, images=len(items), views_per_epoch=sum(repeats),
                     buckets={f"{w}x{h}": n for (w, h), n in table.items()},
                     trainable_params=sum(p.numel() for p in unet_params + te_params), model_type=model_type,
                     prediction_type=model.prediction_type, processes=world, precision=cfg.mixed_precision)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if accelerator.is_main_process:
-            (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        run.save_config()
 
-        def micro_batch_loss(batch: list[sd_data.Sample], index: int) -> torch.Tensor:
-            gen, rng = step_generators(cfg, pos.step, index)
-            flips = [cfg.flip_aug and rng.random() < 0.5 for _ in batch]
-            if cache is not None:
-                latents = torch.stack([cache.get(s, f) for s, f in zip(batch, flips)])
-            else:
-                latents = torch.stack([sd_data.encode_image(vae, s, f) for s, f in zip(batch, flips)])
-            latents = latents.to(accelerator.device)  # (B, 4, H/8, W/8)
-            captions = [sd_data.augment_caption(s.item.caption or "", rng, cfg.shuffle_caption, cfg.keep_tokens
-                                                + (1 if cfg.trigger_word else 0), cfg.caption_dropout_rate)
-                        for s in batch]
-            noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(latents.device)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
-            t = t.to(latents.device)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
-            with accelerator.autocast():
-                hidden, pooled = conditioning(captions)
-                extra = {}
-                if model.model_type == "sdxl":
-                    extra = {"added_cond_kwargs": {"text_embeds": pooled,
-                                                   "time_ids": sdxl_time_ids(batch).to(latents.device)}}
-                pred = unet_train(noisy, t, hidden, **extra).sample
-            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-            if cfg.min_snr_gamma:
-                loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
-            return loss.mean()
+        loss_of = DiffusionLoss(cfg, model, unet_train, noise_sched, cache, conditioning, accelerator)
 
         # ---- the loop --------------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
@@ -248,7 +287,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 views = 0
                 for micro, indices in enumerate(group):
                     with run.micro_batch(last=micro == len(group) - 1):
-                        loss = micro_batch_loss([samples[i] for i in indices], micro * world + rank)
+                        loss = loss_of([samples[i] for i in indices], pos.step, micro * world + rank)
                         run.backward(loss, len(group))
                     group_loss += loss.detach() / len(group)
                     views += len(indices)
