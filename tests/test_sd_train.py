@@ -233,3 +233,29 @@ def test_dora_export_writes_dora_scale_per_output_row(tiny_sd15, style_images, t
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     up = tensors[f"{key}.lora_up.weight"]
     assert tensors[f"{key}.dora_scale"].shape == (up.shape[0], 1)
+
+
+def test_rslora_export_alpha_metadata_a1111_and_diffusers_agree(tiny_sd15, style_images, tmp_path):
+    """rsLoRA scales by alpha / sqrt(rank): the file carries the alpha that readers (alpha / rank) turn into
+    that scale, ss_network_alpha says the same number, and A1111's formula and diffusers rebuild the model."""
+    from safetensors import safe_open
+
+    from lora_scripts.export.scale import file_alpha, lora_scale
+
+    ckpt, cfg_dir = tiny_sd15
+    result = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "rs", lora_type="rslora", lora_rank=4,
+                              lora_alpha=6, text_encoder_lr=1e-3, max_train_steps=2, sample_every_n_epochs="null"),
+                      progress=False)
+    assert lora_scale(6, 4, rslora=True) == 3.0 and file_alpha(6, 4, rslora=True) == 12.0  # 6 / sqrt(4), over r
+    tensors = load_file(result.lora_file)
+    alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    with safe_open(str(result.lora_file), "pt") as fh:
+        assert alphas == {12.0} and float(fh.metadata()["ss_network_alpha"]) == 12.0
+    expected_unet, expected_te = unet_and_te_outputs(result.model.pipe)
+    pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
+    a1111_apply(pipe, result.lora_file)
+    unet_out, te_out = unet_and_te_outputs(pipe)
+    assert float((unet_out - expected_unet).abs().max()) <= 1e-4 and float((te_out - expected_te).abs().max()) <= 1e-4
+    pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
+    pipe.load_lora_weights(str(result.lora_file.parent), weight_name=result.lora_file.name)
+    assert float((unet_and_te_outputs(pipe)[0] - expected_unet).abs().max()) <= 1e-5

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
+from lora_scripts.export.scale import file_alpha
 from lora_scripts.models.sd_convert import unet_module_to_original, unet_prefix_map
 
 BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -48,11 +49,11 @@ def kohya_state_dict(unet, text_encoders: list, model_type: str, dtype: torch.dt
         down = mod.lora_A[adapter].weight
         up = mod.lora_B[adapter].weight
         rank = down.shape[0]
-        scale = mod.scaling[adapter]  # alpha / rank, or alpha / sqrt(rank) for rsLoRA
         tensors[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
         tensors[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-        # Readers compute alpha / rank; give them the alpha that reproduces peft's scale exactly.
-        tensors[f"{key}.alpha"] = torch.tensor(scale * rank, dtype=dtype)
+        # Readers compute alpha / rank; give them the alpha that reproduces peft's scale (export/scale.py).
+        tensors[f"{key}.alpha"] = torch.tensor(file_alpha(mod.lora_alpha[adapter], rank, mod.use_rslora.get(adapter, False)),
+                                               dtype=dtype)
         magnitude = getattr(mod, "lora_magnitude_vector", None)
         if magnitude is not None and adapter in magnitude:
             m = magnitude[adapter].weight.detach()
@@ -83,14 +84,16 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 def training_metadata(cfg, model_type: str, tag_frequency: dict, n_images: int, steps: int, epochs: int,
                       has_te: bool, rank: int) -> dict[str, str]:
-    network_args = {"conv_dim": str(rank), "conv_alpha": str(cfg.alpha)} if cfg.train_unet_conv else {}
+    # the alpha the file's tensors carry (rsLoRA's alpha / sqrt(r) scale expressed over r), not the config's
+    alpha = file_alpha(cfg.alpha, rank, cfg.lora_type == "rslora")
+    network_args = {"conv_dim": str(rank), "conv_alpha": str(alpha)} if cfg.train_unet_conv else {}
     if cfg.lora_type == "dora":
         network_args["dora_wd"] = "True"
     return {
         "ss_output_name": cfg.name,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
-        "ss_network_alpha": str(cfg.alpha),
+        "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps(network_args),
         "ss_base_model_version": BASE_VERSION[model_type],
         "ss_v2": str(model_type == "sd2"),

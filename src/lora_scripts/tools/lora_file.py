@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lora_scripts.export.scale import file_alpha, lora_scale
 from lora_scripts.safety import check_safetensors
 
 LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "hada_t1", ".oft_", "lora_mid")
@@ -37,7 +38,7 @@ class LoraModule:
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)  # a file's alpha is read over the rank (export/scale.py)
 
     def delta(self) -> torch.Tensor:
         """ΔW in the weight's own shape, in float32."""
@@ -136,9 +137,7 @@ def _peft_alpha(config: dict, module: str, rank: int) -> float:
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if module.endswith(pattern):
             alpha = float(value)
-    if config.get("use_rslora"):
-        return alpha / rank**0.5 * rank  # scale alpha/sqrt(r) expressed as an alpha over r
-    return alpha
+    return file_alpha(alpha, rank, bool(config.get("use_rslora")))
 
 
 def _read_peft(folder: Path) -> LoraSet:
