@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
+from lora_scripts.export.lora_set import LoraModule, LoraSet
 from lora_scripts.export.scale import file_alpha
 from lora_scripts.models.sd_convert import unet_module_to_original, unet_prefix_map
 
@@ -40,25 +41,24 @@ def kohya_name(prefix: str, module_path: str) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def kohya_state_dict(unet, text_encoders: list, model_type: str, dtype: torch.dtype,
-                     adapter: str = "default") -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
+def kohya_lora_set(unet, text_encoders: list, model_type: str, adapter: str = "default",
+                   metadata: dict[str, str] | None = None) -> LoraSet:
+    """The trained adapters of a live model under their kohya names, each with the alpha readers need."""
+    modules: dict[str, LoraModule] = {}
     pm = unet_prefix_map(dict(unet.config)) if model_type == "sdxl" else None
 
     def add(key: str, mod) -> None:
-        down = mod.lora_A[adapter].weight
-        up = mod.lora_B[adapter].weight
-        rank = down.shape[0]
-        tensors[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-        # Readers compute alpha / rank; give them the alpha that reproduces peft's scale (export/scale.py).
-        tensors[f"{key}.alpha"] = torch.tensor(file_alpha(mod.lora_alpha[adapter], rank, mod.use_rslora.get(adapter, False)),
-                                               dtype=dtype)
+        down = mod.lora_A[adapter].weight.detach().cpu()
+        up = mod.lora_B[adapter].weight.detach().cpu()
+        # readers compute alpha / rank: the alpha that reproduces peft's scale (export/scale.py)
+        alpha = file_alpha(mod.lora_alpha[adapter], down.shape[0], mod.use_rslora.get(adapter, False))
+        dora = None
         magnitude = getattr(mod, "lora_magnitude_vector", None)
         if magnitude is not None and adapter in magnitude:
-            m = magnitude[adapter].weight.detach()
+            m = magnitude[adapter].weight.detach().cpu()
             # DoRA: ComfyUI/LyCORIS read `dora_scale` as the per-output-row norm (out, 1[, 1, 1]).
-            tensors[f"{key}.dora_scale"] = m.reshape(m.shape[0], *([1] * (up.dim() - 1))).to("cpu", dtype).contiguous()
+            dora = m.reshape(m.shape[0], *([1] * (up.dim() - 1)))
+        modules[key] = LoraModule(down, up, alpha, dora)
 
     for path, mod in lora_modules(unet, adapter).items():
         name = unet_module_to_original(path, pm) if pm is not None else path
@@ -68,7 +68,33 @@ def kohya_state_dict(unet, text_encoders: list, model_type: str, dtype: torch.dt
         for path, mod in lora_modules(te, adapter).items():
             path = path if path.startswith("text_model.") else f"text_model.{path}"
             add(kohya_name(prefix, path), mod)
+    return LoraSet(modules, "kohya", dict(metadata or {}))
+
+
+def kohya_tensors(lora: LoraSet, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The file's tensors: `<name>.lora_down/.lora_up.weight`, `.alpha`, and `.dora_scale` for DoRA."""
+    tensors = {}
+    for name, m in lora.modules.items():
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        tensors[f"{name}.lora_down.weight"] = cast(m.down).contiguous()
+        tensors[f"{name}.lora_up.weight"] = cast(m.up).contiguous()
+        if m.alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype or m.down.dtype)
+        if m.dora_scale is not None:
+            tensors[f"{name}.dora_scale"] = cast(m.dora_scale).contiguous()
     return tensors
+
+
+def kohya_state_dict(unet, text_encoders: list, model_type: str, dtype: torch.dtype,
+                     adapter: str = "default") -> dict[str, torch.Tensor]:
+    return kohya_tensors(kohya_lora_set(unet, text_encoders, model_type, adapter), dtype)
+
+
+def write_kohya_file(lora: LoraSet, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """The one kohya/A1111 writer, for training exports and the LoRA tools alike: the tensors, the LoraSet's
+    metadata and kohya's two hashes of them, written atomically."""
+    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
+    return write_kohya(Path(path), kohya_tensors(lora, dtype), metadata)
 
 
 def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -8,14 +8,14 @@ up @ down × alpha / rank (convolutions flattened), the formula every reader app
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_scripts.export.scale import file_alpha, lora_scale
+from lora_scripts.export.kohya import write_kohya_file
+from lora_scripts.export.lora_set import LoraModule, LoraSet
+from lora_scripts.export.scale import file_alpha
 from lora_scripts.safety import check_safetensors
 
 LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "hada_t1", ".oft_", "lora_mid")
@@ -25,49 +25,7 @@ class LoraFormatError(ValueError):
     pass
 
 
-@dataclass
-class LoraModule:
-    down: torch.Tensor  # (r, in) or (r, in, k, k)
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
-    alpha: float | None  # None: the file had no alpha (readers then use scale 1)
-    dora_scale: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank)  # a file's alpha is read over the rank (export/scale.py)
-
-    def delta(self) -> torch.Tensor:
-        """ΔW in the weight's own shape, in float32."""
-        up, down = self.up.float(), self.down.float()
-        d = up.flatten(1) @ down.flatten(1)
-        if down.dim() == 4:
-            d = d.reshape(up.shape[0], down.shape[1], down.shape[2], down.shape[3])
-        return d * self.scale
-
-
-@dataclass
-class LoraSet:
-    modules: dict[str, LoraModule]
-    format: str  # kohya | diffusers | peft
-    metadata: dict[str, str] = field(default_factory=dict)
-    peft_config: dict | None = None
-    path: Path | None = None
-
-    @property
-    def family(self) -> str:
-        names = list(self.modules)
-        if self.format == "peft":
-            return "llm"
-        if any(n.startswith(("lora_te2_", "lora_te1_")) or "_input_blocks_" in n or "_label_emb_" in n for n in names):
-            return "sdxl"
-        version = self.metadata.get("ss_base_model_version", "")
-        if version.startswith("sd_v2") or self.metadata.get("ss_v2") == "True":
-            return "sd2"
-        return "sd15"
+__all__ = ["LoraFormatError", "LoraModule", "LoraSet", "read_lora", "write_kohya_file", "write_peft_folder"]
 
 
 def read_lora(path: str | Path) -> LoraSet:
@@ -159,21 +117,6 @@ def _read_peft(folder: Path) -> LoraSet:
         modules[name] = LoraModule(tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")],
                                    _peft_alpha(config, name, rank), magnitude)
     return LoraSet(modules, "peft", {}, peft_config=config, path=folder)
-
-
-def write_kohya_file(lora: LoraSet, path: Path, dtype: torch.dtype | None = None) -> Path:
-    tensors = {}
-    for name, m in lora.modules.items():
-        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        tensors[f"{name}.lora_down.weight"] = cast(m.down).contiguous()
-        tensors[f"{name}.lora_up.weight"] = cast(m.up).contiguous()
-        if m.alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype or m.down.dtype)
-        if m.dora_scale is not None:
-            tensors[f"{name}.dora_scale"] = cast(m.dora_scale).contiguous()
-    from lora_scripts.export.kohya import write_kohya
-
-    return write_kohya(Path(path), tensors, {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")})
 
 
 def target_name(path: str) -> str:

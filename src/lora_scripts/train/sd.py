@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
 from lora_scripts.data.images import describe_repeats, load_captioned_images, plan_repeats
-from lora_scripts.export.kohya import kohya_state_dict, tag_frequency, training_metadata, write_kohya
+from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import (
@@ -126,8 +126,8 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
         len(items), plan.total_steps, plan.epochs, train_te, cfg.lora_rank)
 
     def export(folder: Path) -> tuple[Path, Path]:
-        tensors = kohya_state_dict(model.unet, model.text_encoders if train_te else [], model_type, dtype)
-        return write_kohya(folder / f"{cfg.name}.safetensors", tensors, metadata), write_diffusers_lora(
+        lora = kohya_lora_set(model.unet, model.text_encoders if train_te else [], model_type, metadata=metadata)
+        return write_kohya_file(lora, folder / f"{cfg.name}.safetensors", dtype), write_diffusers_lora(
             folder, model, train_te, dtype)
 
     return export
