@@ -204,7 +204,7 @@ def test_adapter_reloads_in_fresh_process_and_merged_export_matches(tiny_llama, 
 def test_weighted_adapters_apply_the_weighted_sum_of_updates(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from lora_scripts.export.peft import export_merged
+    from lora_scripts.tools.model_ops import export_merged
 
     deltas = []
     for i, (r, alpha) in enumerate([(4, 8), (2, 6)]):
@@ -215,7 +215,7 @@ def test_weighted_adapters_apply_the_weighted_sum_of_updates(tiny_llama, tmp_pat
         sd = load_file(tmp_path / f"a{i}" / "adapter_model.safetensors")
         deltas.append({k.replace(".lora_A.weight", ""): (sd[k.replace("lora_A", "lora_B")] @ sd[k]) * alpha / r
                        for k in sd if "lora_A" in k})
-    export_merged(str(tiny_llama), [f"{tmp_path / 'a0'}:0.5", f"{tmp_path / 'a1'}:2"], tmp_path / "mix")
+    export_merged(str(tiny_llama), [(tmp_path / "a0", 0.5), (tmp_path / "a1", 2.0)], tmp_path / "mix")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     mixed = AutoModelForCausalLM.from_pretrained(tmp_path / "mix").state_dict()
     checked = 0

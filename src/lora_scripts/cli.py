@@ -55,6 +55,13 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
+def _lora_specs(specs: list[str]) -> list[tuple[Path, float]]:
+    """`--lora PATH[:WEIGHT]` arguments, parsed once: (path, strength) pairs for the library."""
+    from lora_scripts.export.peft import split_weight
+
+    return [(Path(p), w) for p, w in map(split_weight, specs)]
+
+
 def _load(args) -> object:
     from lora_scripts.config import load_config
 
@@ -188,7 +195,6 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from lora_scripts.export.peft import split_weight
     from lora_scripts.models.detect import detect_model_type
 
     prompts = list(args.prompt)
@@ -201,17 +207,16 @@ def cmd_generate(args) -> int:
         if not prompts:
             return _fail("give --prompt or --prompts-file for image generation")
         written = generate_images(
-            args.base, model_type, prompts, [(Path(p), w) for p, w in map(split_weight, args.lora)], Path(args.out),
+            args.base, model_type, prompts, _lora_specs(args.lora), Path(args.out),
             Path(args.lora_dir), Path(args.model_config_dir) if args.model_config_dir else None, args.negative,
             args.steps, args.guidance, args.seed, args.width, args.height)
         for path, prompt, loras in written:
             print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
         return 0
-    from lora_scripts.export.peft import load_with_adapters
-    from lora_scripts.llm_generate import chat, format_reply, generate_replies
+    from lora_scripts.llm_generate import chat, format_reply, generate_replies, load_with_adapters
 
     try:
-        model, tokenizer = load_with_adapters(args.base, args.lora)
+        model, tokenizer = load_with_adapters(args.base, _lora_specs(args.lora))
     except (OSError, ValueError) as exc:  # transformers' own words for a folder it cannot load
         return _fail(str(exc))
     if prompts:
@@ -232,12 +237,13 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from lora_scripts.export.peft import LoraSpecError, export_merged
+    from lora_scripts.export.peft import LoraSpecError
+    from lora_scripts.tools.model_ops import export_merged
 
     if not args.merge:
         return _fail("export needs --merge (format conversion comes with the LoRA tools)")
     try:
-        out = export_merged(args.base, args.lora, Path(args.out))
+        out = export_merged(args.base, _lora_specs(args.lora), Path(args.out))
     except (LoraSpecError, FileNotFoundError, OSError) as exc:
         return _fail(str(exc))
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")

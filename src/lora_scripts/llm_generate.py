@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,3 +79,32 @@ def chat(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: 
             return
         for r in generate_replies(model, tokenizer, [line], max_new_tokens, temperature=temperature, seed=seed):
             say(format_reply(r))
+
+
+def load_with_adapters(base_model: str, loras: list[tuple[Path, float]]):
+    """(model, tokenizer): the base with the given PEFT adapters applied at their strengths.
+
+    One adapter at strength 1 is loaded as is. Otherwise the adapters are combined with PEFT's `cat`
+    weighted adapter, which concatenates the ranks and so applies sum_i w_i * delta_W_i exactly.
+    """
+    from peft import PeftModel
+
+    from lora_scripts.export.peft import LoraSpecError, checked_adapter_folder, is_dora
+    from lora_scripts.models.llm import load_llm
+
+    model, tokenizer = load_llm(base_model)
+    folders = [checked_adapter_folder(p) for p, _ in loras]
+    if not folders:
+        return model.eval(), tokenizer
+    names = [f"lora{i}" for i in range(len(folders))]
+    model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:]):
+        model.load_adapter(str(folder), adapter_name=name)
+    weights = [w for _, w in loras]
+    if len(folders) > 1 or weights[0] != 1.0:
+        for folder in folders:
+            if is_dora(folder):
+                raise LoraSpecError(f"{folder}: DoRA adapters cannot be mixed or scaled; use one at strength 1")
+        model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+        model.set_adapter("mix")
+    return model.eval(), tokenizer

@@ -25,15 +25,25 @@ def _sd_pipeline(base: str, family: str, config_dir: Path | None):
     return load_sd(base, family, config_dir).pipe
 
 
+def export_merged(base_model: str, loras: list[tuple[Path, float]], out: Path) -> Path:
+    """An LLM as a full transformers folder with the PEFT adapters baked into its weights (loads without peft)."""
+    from lora_scripts.llm_generate import load_with_adapters
+
+    model, tokenizer = load_with_adapters(base_model, loras)
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def merge(base: str, loras: list[tuple[str, float]], out: Path, config_dir: Path | None = None,
           diffusers_out: Path | None = None) -> Path:
     """Bake LoRAs into the base at their strengths: an original-layout single file for SD (what the WebUIs
     load), a transformers folder for LLMs."""
     family = detect_model_type(base)
     if family == "llm":
-        from lora_scripts.export.peft import export_merged
-
-        return export_merged(base, [f"{p}:{w}" for p, w in loras], Path(out))
+        return export_merged(base, [(Path(p), w) for p, w in loras], Path(out))
     from safetensors.torch import save_file
 
     from lora_scripts.models.sd_convert import pipeline_to_original
