@@ -184,3 +184,34 @@ def test_the_preflight_and_the_config_load_no_ml_library():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_validate_runs_without_torch_once_this_cpu_speed_is_known(tmp_path, pairs_csv, tiny_llama):
+    """The first preflight on a CPU measures its matmul speed (torch loads); later ones read it from the
+    cache and load no ML library at all: `validate` answers in well under 2 s."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_scripts.hardware import GPU_DEVICE_FILES
+
+    code = (f"import sys; from lora_scripts.config import load_config; from lora_scripts.preflight import run_preflight; "
+            f"r = run_preflight(load_config(None, ['base_model={tiny_llama}', 'metadata_path={pairs_csv}', "
+            f"'output_dir={tmp_path / 'o'}'])); assert r.ok and r.estimated_seconds > 0, r.render(); "
+            f"print('torch' in sys.modules)")
+    env = {**os.environ, "LORA_SCRIPTS_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert runs[0].stdout.strip() == "True"  # measured
+    gpu_possible = any(os.path.exists(f) for f in GPU_DEVICE_FILES) or not sys.platform.startswith("linux")
+    assert runs[1].stdout.strip() == ("True" if gpu_possible else "False")  # a GPU machine asks torch for it
+    assert (tmp_path / "cache" / "speed.json").exists()
+
+
+def test_bf16_units_read_from_the_kernel_agree_with_torchs_probes():
+    import torch
+
+    from lora_scripts.hardware import cpu_has_bf16_units
+
+    assert cpu_has_bf16_units() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

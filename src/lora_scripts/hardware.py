@@ -9,16 +9,27 @@
   torch 2.13), a 1024^3 bf16 matmul ran at 0.8 GFLOP/s against ~36 GFLOP/s in fp32, ~45x slower, and
   the demo's first bf16 step took 162 s.
 
-torch is imported inside the functions only, so the config and the preflight can import this module
-without loading it.
+torch is imported inside the functions only, and only where it must be asked: on a Linux machine with no
+GPU device files the device is the CPU, its bf16 units are read from /proc/cpuinfo, and the matmul speed of
+an earlier measurement on the same CPU is read from the cache, so `validate` need not load torch at all.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+# Device files of a GPU torch could use (NVIDIA's driver and control nodes, AMD's ROCm); where none exists
+# torch.cuda.is_available() is False, and torch need not be imported to learn it.
+GPU_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+# /proc/cpuinfo flags of native bf16 matmuls: the ones torch's probes (_is_avx512_bf16_supported,
+# _is_amx_tile_supported) look for
+BF16_FLAGS = {"avx512_bf16", "amx_tile", "amx_bf16"}
 
 # bf16 matmul against fp32 on a CPU without bf16 units (AMD EPYC, AVX2 only, torch 2.13; measured)
 EMULATED_BF16_SLOWDOWN = 45
@@ -39,15 +50,40 @@ class Precision:
 
 def device_type() -> str:
     """cuda where a GPU is visible, unless ACCELERATE_USE_CPU (accelerate's own switch) asks for the CPU."""
-    import torch
-
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return "cpu"
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not any(
+            os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return "cpu"
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); None where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+
+
 def cpu_has_bf16_units() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles), per torch's probes."""
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles): the flags the kernel
+    reports, or torch's probes where there is no /proc/cpuinfo."""
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & BF16_FLAGS)
     import torch
 
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -97,11 +133,35 @@ def precision_warning(requested: str) -> str | None:
 
 @functools.cache
 def matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
+    """This machine's matmul speed in the training precision: measured (`measure_matmul_flops`) once per CPU
+    model, thread count and torch version, then read from the cache (`$LORA_SCRIPTS_CACHE/speed.json`);
+    a GPU is measured each time (torch is loaded there anyway)."""
+    if device != "cpu":
+        return measure_matmul_flops(precision, device, seconds)
+    from importlib.metadata import version
+
+    from lora_scripts.models.embedded import cache_root
+
+    key = f"{cpu_name()}|{os.cpu_count()}|{os.environ.get('OMP_NUM_THREADS', '')}|torch {version('torch')}|{precision}"
+    path = cache_root() / "speed.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_flops(precision, device, seconds)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    return float(known[key])
+
+
+def measure_matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
     """Measured FLOP/s of a square matmul in the training precision: the machine's speed for the estimate.
 
     1024^3 is near the CPU's matmul peak in fp32 and with bf16 units; where bf16 is emulated (~1 GFLOP/s)
-    256^3 keeps each product at tens of milliseconds; a GPU needs a larger product to fill it. Measured
-    once per process: estimates made in one process compare.
+    256^3 keeps each product at tens of milliseconds; a GPU needs a larger product to fill it.
     """
     import torch
 
