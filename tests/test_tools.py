@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from lora_scripts.cli import main
 from lora_scripts.export.kohya import kohya_state_dict, write_kohya
+from lora_scripts.export.lora_files import LoraFormatError, read_lora
 from lora_scripts.models.sd import TE_TARGETS, UNET_ATTENTION, add_text_encoder_adapter, load_sd
-from lora_scripts.tools.lora_file import LoraFormatError, read_lora
 from lora_scripts.tools.ops import combine, convert, resize
 
 

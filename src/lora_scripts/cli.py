@@ -35,6 +35,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.config import ConfigError
     from lora_scripts.data.images import CaptionFileError
     from lora_scripts.data.text import DataError
+    from lora_scripts.export.lora_files import LoraFormatError
     from lora_scripts.export.peft import LoraSpecError
     from lora_scripts.label import LabelError
     from lora_scripts.launch import LaunchError
@@ -42,7 +43,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.models.llm import ModelLoadError
     from lora_scripts.models.sd import SDLoadError
     from lora_scripts.safety import RunLockedError, UnsafeFileError
-    from lora_scripts.tools.lora_file import LoraFormatError
     from lora_scripts.train.errors import ResumeError
 
     return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from lora_scripts.tools.lora_file import LoraSet, read_lora
+from lora_scripts.export.lora_files import LoraSet, read_lora
 
 
 def describe(path: str | Path) -> tuple[str, LoraSet]:

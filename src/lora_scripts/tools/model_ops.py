@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from lora_scripts.export.kohya import BASE_VERSION
-from lora_scripts.models.detect import detect_model_type
-from lora_scripts.tools.lora_file import (
+from lora_scripts.export.lora_files import (
     LoraFormatError,
     LoraSet,
     read_lora,
     write_kohya_file,
     write_peft_folder,
 )
+from lora_scripts.models.detect import detect_model_type
 from lora_scripts.tools.ops import ModuleReport, extract_deltas, to_kohya_names
 from lora_scripts.tools.sd_names import sd_name_map
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lora_scripts.export.kohya import BASE_VERSION
-from lora_scripts.tools.lora_file import (
+from lora_scripts.export.lora_files import (
     LoraFormatError,
     LoraModule,
     LoraSet,

@@ -74,8 +74,8 @@ def _print_report(report, verb: str) -> None:
 
 
 def cmd_combine(args) -> int:
+    from lora_scripts.export.lora_files import read_lora
     from lora_scripts.export.peft import split_weight
-    from lora_scripts.tools.lora_file import read_lora
     from lora_scripts.tools.ops import combine, save_like
 
     loras = [(read_lora(p), w) for p, w in (split_weight(s) for s in args.loras)]
@@ -95,7 +95,7 @@ def add_resize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_resize(args) -> int:
-    from lora_scripts.tools.lora_file import read_lora
+    from lora_scripts.export.lora_files import read_lora
     from lora_scripts.tools.ops import resize, save_like
 
     lora, report = resize(read_lora(args.input), args.rank, args.energy)

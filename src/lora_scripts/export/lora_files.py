@@ -1,8 +1,9 @@
-"""Reading and writing LoRA files in their three common shapes, through one in-memory form.
+"""Reading LoRA files in their three common shapes (kohya/A1111, diffusers, PEFT folder) into one in-memory
+form, `LoraSet` (export/lora_set.py), and writing PEFT folders; the kohya writer is export/kohya.py's
+`write_kohya_file`. Used by training's exports and the LoRA tools alike.
 
-`LoraSet` maps a module name to (down, up, alpha): kohya names (`lora_unet_...`) for Stable Diffusion,
-peft module paths (`base_model.model.model.layers.0.self_attn.q_proj`) for LLMs. ΔW of a module is
-up @ down × alpha / rank (convolutions flattened), the formula every reader applies.
+Module names are kohya names (`lora_unet_...`) for Stable Diffusion and peft module paths
+(`base_model.model.model.layers.0.self_attn.q_proj`) for LLMs; delta W = up @ down x scale (export/scale.py).
 """
 
 from __future__ import annotations
