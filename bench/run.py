@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lora_scripts.hardware import cpu_has_bf16_units, cpu_name
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -72,24 +73,6 @@ def run(script: str, *args: str) -> dict:
     return {**json.loads(line[len("RESULT "):]), "process_seconds": time.perf_counter() - t0}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def has_bf16_units() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        return False
-
-
 def median(runs: list[dict], key) -> float:
     return statistics.median(key(r) for r in runs)
 
@@ -116,7 +99,7 @@ def bench(work: Path) -> int:
     profile = PROFILES[profile_name]
     demo_train, demo_eval = REPO / "data/demo_llm_style/train.csv", REPO / "data/demo_llm_style/eval.csv"
     datasets = {"demo": demo_train, "varied": write_varied(work / "varied.csv"), "long": write_long(work / "long.csv")}
-    machine = {"cpu": cpu_name(), "cores": torch.get_num_threads(), "bf16_units": has_bf16_units(),
+    machine = {"cpu": cpu_name(), "cores": torch.get_num_threads(), "bf16_units": cpu_has_bf16_units(),
                "torch": torch.__version__, "cuda": torch.cuda.is_available(), "profile": profile_name,
                "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}

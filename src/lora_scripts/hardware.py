@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -60,22 +61,24 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); None where there is no such file."""
+@functools.cache
+def _cpuinfo(field: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo (Linux); None where there is no such file or field."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return None
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
-    return set(line.split(":", 1)[1].split()) if line else None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() == field), None)
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as the kernel reports them; None where /proc/cpuinfo has none."""
+    flags = _cpuinfo("flags")
+    return set(flags.split()) if flags is not None else None
 
 
 def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def cpu_has_bf16_units() -> bool:
@@ -122,11 +125,12 @@ def precision_warning(requested: str) -> str | None:
     """Why an explicitly chosen precision will be slow on this machine, or None."""
     if requested != "bf16":
         return None
-    if device_type() == "cpu" and not cpu_has_bf16_units():
+    device = device_type()
+    if device == "cpu" and not cpu_has_bf16_units():
         return (f"mixed_precision: bf16 on a CPU without bf16 units (no AVX512-BF16/AMX): torch emulates bf16 "
                 f"there, ~{EMULATED_BF16_SLOWDOWN}x slower than fp32 (measured on an AVX2-only AMD EPYC). "
                 "Use mixed_precision: auto (fp32 here) or no")
-    if device_type() == "cuda" and not cuda_has_bf16():
+    if device == "cuda" and not cuda_has_bf16():
         return "mixed_precision: bf16 on a GPU without native bf16 is emulated and slow; use auto (fp16 here)"
     return None
 
