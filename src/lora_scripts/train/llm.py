@@ -187,7 +187,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
     from peft import get_peft_model
 
     with start_run(cfg, "llm", callback, progress) as run:  # mixed_precision: auto resolved for this machine
-        cfg, accelerator, events, stop, out_dir = run.cfg, run.accelerator, run.events, run.stop, run.out_dir
+        cfg, accelerator, events, out_dir = run.cfg, run.accelerator, run.events, run.out_dir
         rank, world = accelerator.process_index, accelerator.num_processes
 
         # ---- data first: its errors must come before the slow model load -----------------------
@@ -255,8 +255,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         # ---- the loop ------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
         model.train()
-        stop.install()
-        run.reset_clock()
+        run.begin_steps()
         while pos.step < total_steps:
             all_batches = textdata.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, pos.epoch)
             mine = all_batches[: batches_per_rank * world][rank::world]
@@ -282,10 +281,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 run_eval()
                 if accelerator.is_main_process and sample_prompts:
                     write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator)
-                accelerator.wait_for_everyone()
-                pos.epoch += 1
-                pos.group = 0
-                run.reset_clock()
+                run.next_epoch(pos)
 
         # ---- export ----------------------------------------------------------------------------------
         if not eval_losses or eval_losses[-1][0] != pos.step:

@@ -246,7 +246,6 @@ class TrainingRun:
                               acc.process_index)
         if pos.step == 0 and acc.process_index > 0:
             torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
-        self._tick = time.perf_counter()
         return pos
 
     def save_config(self) -> None:
@@ -270,8 +269,18 @@ class TrainingRun:
         """Backward through accelerate (which scales the loss under fp16) for one of `micro_batches`."""
         self.accelerator.backward(loss / micro_batches)
 
-    def reset_clock(self) -> None:
-        """Eval and sampling time is not training time: the next step's throughput starts from here."""
+    def begin_steps(self) -> None:
+        """Right before the first step: Ctrl-C/SIGTERM now finish the step and save; the clock starts (the
+        base model's eval is not training time)."""
+        self.stop.install()
+        self._tick = time.perf_counter()
+
+    def next_epoch(self, pos: Position) -> None:
+        """After an epoch's eval and samples: every rank is there, the position moves on, and the clock
+        restarts (eval and sampling time is not training time)."""
+        self.accelerator.wait_for_everyone()
+        pos.epoch += 1
+        pos.group = 0
         self._tick = time.perf_counter()
 
     def step(self, pos: Position, loss: torch.Tensor, counts: dict[str, int], rate: str) -> None:

@@ -215,7 +215,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
     from diffusers import DDPMScheduler
 
     with start_run(cfg, "sd", callback, progress) as run:  # mixed_precision: auto resolved for this machine
-        cfg, accelerator, events, stop, out_dir = run.cfg, run.accelerator, run.events, run.stop, run.out_dir
+        cfg, accelerator, events, out_dir = run.cfg, run.accelerator, run.events, run.out_dir
         rank, world = accelerator.process_index, accelerator.num_processes
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
@@ -275,8 +275,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         # ---- the loop --------------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
         unet_train.train()
-        stop.install()
-        run.reset_clock()
+        run.begin_steps()
         while pos.step < total_steps:
             batches = sd_data.epoch_batches(samples, repeats, cfg.batch_size, cfg.seed, pos.epoch)
             mine = batches[: plan.batches_per_rank * world][rank::world]
@@ -298,10 +297,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 every = cfg.sample_every_n_epochs
                 if every and (pos.epoch + 1) % every == 0 and pos.step < total_steps:
                     write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
-                accelerator.wait_for_everyone()
-                pos.epoch += 1
-                pos.group = 0
-                run.reset_clock()
+                run.next_epoch(pos)
 
         # ---- export ------------------------------------------------------------------------------------------
         run.checkpoint(pos)
