@@ -62,6 +62,7 @@ def test_lora_tag_parsing():
 def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
     from lora_scripts.config import load_config
     from lora_scripts.models.sd import build_tiny_sd, load_sd, save_single_file
+    from lora_scripts.tools.ops import convert
     from lora_scripts.train.sd import train_sd
 
     # saved as an original-layout single file, like sd_xl_base_1.0.safetensors
@@ -93,7 +94,9 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
             return pipe.unet(x, torch.tensor([400], device=dev), hidden, added_cond_kwargs=cond).sample.cpu()
 
     expected = unet_out(result.model.pipe)
-    for file in [result.lora_file, result.diffusers_file]:
+    # the diffusers file written from the live model at export, and the one `convert` writes from the kohya file
+    converted = convert(result.lora_file, tmp_path / "converted", "diffusers", cfg_dir)
+    for file in [result.lora_file, result.diffusers_file, converted]:
         pipe = load_sd(str(ckpt), "sdxl", cfg_dir).pipe
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         assert float((unet_out(pipe) - expected).abs().max()) <= 1e-5, file.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import shlex
 import sys
@@ -75,6 +76,10 @@ def _load(args) -> object:
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
+    """train a LoRA from a YAML config
+
+    python train.py --config configs/my_lora_config.yaml learning_rate=1e-4
+    """
     p.add_argument("--config", required=True, help="the YAML config, e.g. configs/my_lora_config.yaml")
     p.add_argument("--fp16", action="store_true", help="alias of mixed_precision=fp16 (GPU)")
     p.add_argument("--bf16", action="store_true", help="alias of mixed_precision=bf16")
@@ -146,6 +151,10 @@ def _sigterm_as_ctrl_c() -> None:
 
 
 def add_validate(p: argparse.ArgumentParser) -> None:
+    """check a config and its data without training
+
+    lora-scripts validate --config configs/my_lora_config.yaml
+    """
     p.add_argument("--config", help="the YAML config to check")
     p.add_argument("--keys", action="store_true", help="list every config key with its documentation")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -173,6 +182,10 @@ def cmd_validate(args) -> int:
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
+    """generate with a base model plus LoRAs: LLM replies or SD images
+
+    lora-scripts generate --base smollm2-135m-instruct --lora output/demo_llm_style:0.8 --prompt 'Hi'
+    """
     p.add_argument("--base", required=True,
                    help="base model: an LLM (smollm2-135m-instruct, a folder, a .gguf) or an SD checkpoint/folder")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -230,6 +243,10 @@ def cmd_generate(args) -> int:
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
+    """write a merged model (base + adapter)
+
+    lora-scripts export --merge --base smollm2-135m-instruct --lora output/demo_llm_style --out merged/
+    """
     p.add_argument("--merge", action="store_true", help="bake the adapter(s) into the base weights")
     p.add_argument("--base", required=True, help="base model the adapter was trained on")
     p.add_argument("--lora", action="append", required=True, metavar="DIR[:WEIGHT]")
@@ -254,6 +271,10 @@ def cmd_export(args) -> int:
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
+    """prepare the embedded model (setup.sh runs this once)
+
+    lora-scripts prepare
+    """
     p.add_argument("--force", action="store_true", help="convert again even if the cache is valid")
 
 
@@ -265,6 +286,10 @@ def cmd_prepare(args) -> int:
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
+    """train the LLM house-style demo and compare base vs tuned
+
+    lora-scripts demo        # or: lora-scripts demo --images
+    """
     p.add_argument("--images", action="store_true",
                    help="the image pipeline demo on a tiny random SD model (shows the path, not real pictures)")
     p.add_argument("--config", default=None,
@@ -291,6 +316,10 @@ def cmd_demo(args) -> int:
 
 
 def add_label(p: argparse.ArgumentParser) -> None:
+    """auto-caption images into metadata.csv with CLIP
+
+    lora-scripts label --input data/cyberpunk_night --clip-model ./models/clip-vit-large-patch14
+    """
     p.add_argument("--input", required=True, help="folder of images, e.g. data/cyberpunk_night")
     p.add_argument("--output", help="CSV to write (default: <input>/metadata.csv)")
     p.add_argument("--clip-model", help="a local CLIP folder (transformers CLIPModel + processor)")
@@ -335,45 +364,29 @@ def cmd_label(args) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "train": ("train a LoRA from a YAML config", add_train, cmd_train),
-    "validate": ("check a config and its data without training", add_validate, cmd_validate),
-    "generate": ("generate with a base model plus LoRAs: LLM replies or SD images", add_generate, cmd_generate),
-    "export": ("write a merged model (base + adapter)", add_export, cmd_export),
-    "prepare": ("prepare the embedded model (setup.sh runs this once)", add_prepare, cmd_prepare),
-    "demo": ("train the LLM house-style demo and compare base vs tuned", add_demo, cmd_demo),
-    "label": ("auto-caption images into metadata.csv with CLIP", add_label, cmd_label),
-    "inspect": ("describe a LoRA file or folder", add_inspect, cmd_inspect),
-    "convert": ("convert a LoRA between kohya, diffusers and PEFT formats", add_convert, cmd_convert),
-    "merge": ("bake LoRAs into a base model at chosen strengths", add_merge, cmd_merge),
-    "combine": ("one LoRA from several (exact concatenation or SVD)", add_combine, cmd_combine),
-    "resize": ("reduce a LoRA's rank by SVD", add_resize, cmd_resize),
-    "extract": ("a LoRA from the difference between a fine-tune and its base", add_extract, cmd_extract),
-}
-
-
-EXAMPLES = {
-    "train": "python train.py --config configs/my_lora_config.yaml learning_rate=1e-4",
-    "validate": "lora-scripts validate --config configs/my_lora_config.yaml",
-    "label": "lora-scripts label --input data/cyberpunk_night --clip-model ./models/clip-vit-large-patch14",
-    "generate": "lora-scripts generate --base smollm2-135m-instruct --lora output/demo_llm_style:0.8 --prompt 'Hi'",
-    "export": "lora-scripts export --merge --base smollm2-135m-instruct --lora output/demo_llm_style --out merged/",
-    "prepare": "lora-scripts prepare",
-    "demo": "lora-scripts demo        # or: lora-scripts demo --images",
-    "inspect": "lora-scripts inspect output/cyberpunk_night/cyberpunk_night.safetensors",
-    "convert": "lora-scripts convert style.safetensors style_diffusers/ --to diffusers",
-    "merge": "lora-scripts merge --base v1-5-pruned.safetensors --lora style.safetensors:0.8 --out merged.safetensors",
-    "combine": "lora-scripts combine style.safetensors:0.8 character.safetensors:0.5 --out mix.safetensors --rank 16",
-    "resize": "lora-scripts resize style.safetensors --energy 0.95 --out style_small.safetensors",
-    "extract": "lora-scripts extract --base v1-5-pruned.safetensors --tuned my-finetune.safetensors --rank 32 --out x.safetensors",
+COMMANDS: dict[str, tuple[Callable, Callable]] = {  # each add_* docstring: the help line, then an example
+    "train": (add_train, cmd_train),
+    "validate": (add_validate, cmd_validate),
+    "generate": (add_generate, cmd_generate),
+    "export": (add_export, cmd_export),
+    "prepare": (add_prepare, cmd_prepare),
+    "demo": (add_demo, cmd_demo),
+    "label": (add_label, cmd_label),
+    "inspect": (add_inspect, cmd_inspect),
+    "convert": (add_convert, cmd_convert),
+    "merge": (add_merge, cmd_merge),
+    "combine": (add_combine, cmd_combine),
+    "resize": (add_resize, cmd_resize),
+    "extract": (add_extract, cmd_extract),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-scripts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+    for name, (add_args, run) in COMMANDS.items():
+        help_text, _, example = inspect.cleandoc(add_args.__doc__).partition("\n\n")
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_args(p)
         p.set_defaults(run=run)

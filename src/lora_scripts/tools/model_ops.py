@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.export.diffusers_lora import to_kohya_names
 from lora_scripts.export.kohya import BASE_VERSION
 from lora_scripts.export.lora_files import (
     LoraFormatError,
@@ -14,9 +15,9 @@ from lora_scripts.export.lora_files import (
     write_kohya_file,
     write_peft_folder,
 )
+from lora_scripts.export.sd_names import sd_name_map
 from lora_scripts.models.detect import detect_model_type
-from lora_scripts.tools.ops import ModuleReport, extract_deltas, to_kohya_names
-from lora_scripts.tools.sd_names import sd_name_map
+from lora_scripts.tools.ops import ModuleReport, extract_deltas
 
 
 def _sd_pipeline(base: str, family: str, config_dir: Path | None):

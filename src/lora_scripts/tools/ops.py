@@ -3,85 +3,22 @@ first; the CLI only parses arguments."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_scripts.export.kohya import BASE_VERSION
+from lora_scripts.export.diffusers_lora import diffusers_components, to_kohya_names, write_diffusers_file
 from lora_scripts.export.lora_files import (
     LoraFormatError,
     LoraModule,
     LoraSet,
-    peft_layout,
     read_lora,
     write_kohya_file,
     write_peft_folder,
 )
-from lora_scripts.tools.sd_names import sd_name_map
 
 # ---- convert ---------------------------------------------------------------------------------------
-
-
-def to_kohya_names(lora: LoraSet, config_dir: Path | None = None) -> LoraSet:
-    """A diffusers-format SD LoRA renamed to kohya keys (tensors untouched)."""
-    if lora.format == "kohya":
-        return lora
-    if lora.format != "diffusers":
-        raise LoraFormatError(f"a {lora.format} adapter has no kohya form (kohya files are for Stable Diffusion)")
-    family = _diffusers_family(lora)
-    reverse = {f"{comp}.{path}": k for k, (comp, path) in sd_name_map(family, config_dir).items()}
-    modules = {}
-    for name, m in lora.modules.items():
-        if name not in reverse:
-            raise LoraFormatError(f"{name}: no such module in a {family} model; pass --model-config-dir for a "
-                                  "non-standard architecture")
-        modules[reverse[name]] = m
-    meta = {"ss_base_model_version": BASE_VERSION[family],
-            "ss_network_module": "networks.lora"}
-    return LoraSet(modules, "kohya", meta)
-
-
-def _diffusers_family(lora: LoraSet) -> str:
-    if any(n.startswith("text_encoder_2.") for n in lora.modules):
-        return "sdxl"
-    cfg = json.loads(lora.metadata.get("lora_adapter_metadata", "{}"))
-    if any("add_embedding" in n for n in lora.modules) or "sdxl" in json.dumps(cfg).lower():
-        return "sdxl"
-    return "sd15"
-
-
-def to_diffusers_layers(lora: LoraSet, family: str, config_dir: Path | None = None) -> dict[str, dict]:
-    """kohya → {component: {module path: LoraModule}} in diffusers naming."""
-    names = sd_name_map(family, config_dir)
-    out: dict[str, dict] = {}
-    for key, m in lora.modules.items():
-        if key not in names:
-            raise LoraFormatError(f"{key}: no such module in a {family} model (ComfyUI would report "
-                                  f"'lora key not loaded'); pass --model-config-dir for a non-standard architecture")
-        comp, path = names[key]
-        out.setdefault(comp, {})[path] = m
-    return out
-
-
-def write_diffusers_file(lora: LoraSet, folder: Path, config_dir: Path | None = None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` with per-component adapter metadata (ranks and alphas)."""
-    import diffusers
-
-    family = lora.family
-    if any(m.dora_scale is not None for m in lora.modules.values()):
-        raise LoraFormatError("DoRA magnitudes have no place in the diffusers LoRA format; keep the kohya file")
-    layers = to_diffusers_layers(lora, family, config_dir)
-    kwargs = {}
-    for comp, mods in layers.items():
-        tensors, meta = peft_layout(mods)
-        kwargs[f"{comp}_lora_layers"] = tensors
-        kwargs[f"{comp}_lora_adapter_metadata"] = meta
-    pipe_cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    pipe_cls.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
-    return Path(folder) / "pytorch_lora_weights.safetensors"
 
 
 def convert(src: str | Path, out: str | Path, to: str, config_dir: Path | None = None) -> Path:
@@ -89,7 +26,8 @@ def convert(src: str | Path, out: str | Path, to: str, config_dir: Path | None =
     if to == "kohya":
         return write_kohya_file(to_kohya_names(lora, config_dir), Path(out))
     if to == "diffusers":
-        return write_diffusers_file(to_kohya_names(lora, config_dir), Path(out), config_dir)
+        kohya = to_kohya_names(lora, config_dir)
+        return write_diffusers_file(diffusers_components(kohya, config_dir), Path(out), kohya.family)
     if to == "peft":
         if lora.format != "peft":
             raise LoraFormatError(

@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
+    """describe a LoRA file or folder
+
+    lora-scripts inspect output/cyberpunk_night/cyberpunk_night.safetensors
+    """
     p.add_argument("path", help="a LoRA .safetensors file (kohya or diffusers) or a PEFT adapter folder")
 
 
@@ -25,6 +29,10 @@ def _config_dir(p: argparse.ArgumentParser) -> None:
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
+    """convert a LoRA between kohya, diffusers and PEFT formats
+
+    lora-scripts convert style.safetensors style_diffusers/ --to diffusers
+    """
     p.add_argument("input", help="LoRA file or PEFT folder")
     p.add_argument("output", help="output file (kohya), folder (diffusers, peft)")
     p.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
@@ -40,6 +48,10 @@ def cmd_convert(args) -> int:
 
 
 def add_merge(p: argparse.ArgumentParser) -> None:
+    """bake LoRAs into a base model at chosen strengths
+
+    lora-scripts merge --base v1-5-pruned.safetensors --lora style.safetensors:0.8 --out merged.safetensors
+    """
     p.add_argument("--base", required=True, help="base checkpoint (.safetensors / diffusers folder) or LLM")
     p.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
     p.add_argument("--out", required=True, help="SD: merged single-file .safetensors; LLM: a folder")
@@ -58,6 +70,10 @@ def cmd_merge(args) -> int:
 
 
 def add_combine(p: argparse.ArgumentParser) -> None:
+    """one LoRA from several (exact concatenation or SVD)
+
+    lora-scripts combine style.safetensors:0.8 character.safetensors:0.5 --out mix.safetensors --rank 16
+    """
     p.add_argument("loras", nargs="+", metavar="PATH[:WEIGHT]")
     p.add_argument("--out", required=True)
     p.add_argument("--rank", type=int, default=None,
@@ -86,6 +102,10 @@ def cmd_combine(args) -> int:
 
 
 def add_resize(p: argparse.ArgumentParser) -> None:
+    """reduce a LoRA's rank by SVD
+
+    lora-scripts resize style.safetensors --energy 0.95 --out style_small.safetensors
+    """
     p.add_argument("input")
     p.add_argument("--out", required=True)
     group = p.add_mutually_exclusive_group(required=True)
@@ -105,6 +125,10 @@ def cmd_resize(args) -> int:
 
 
 def add_extract(p: argparse.ArgumentParser) -> None:
+    """a LoRA from the difference between a fine-tune and its base
+
+    lora-scripts extract --base v1-5-pruned.safetensors --tuned my-finetune.safetensors --rank 32 --out x.safetensors
+    """
     p.add_argument("--base", required=True)
     p.add_argument("--tuned", required=True, help="the fine-tuned model of the same architecture")
     p.add_argument("--rank", type=int, required=True)

@@ -118,7 +118,7 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.
 def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan) -> Callable:
     """`export(folder)`: the kohya/A1111 file (with its ss_* metadata) and the diffusers file of the model
     as it stands, in save_precision; used for every checkpoint and the final output."""
-    from lora_scripts.export.diffusers_lora import write_diffusers_lora
+    from lora_scripts.export.diffusers_lora import diffusers_components_of_model, write_diffusers_file
 
     dtype = DTYPES[cfg.save_precision]
     metadata = training_metadata(
@@ -126,9 +126,11 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
         len(items), plan.total_steps, plan.epochs, train_te, cfg.lora_rank)
 
     def export(folder: Path) -> tuple[Path, Path]:
-        lora = kohya_lora_set(model.unet, model.text_encoders if train_te else [], model_type, metadata=metadata)
-        return write_kohya_file(lora, folder / f"{cfg.name}.safetensors", dtype), write_diffusers_lora(
-            folder, model, train_te, dtype)
+        text_encoders = model.text_encoders if train_te else []
+        lora = kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata)
+        layers = diffusers_components_of_model(model.unet, text_encoders, dtype)
+        return write_kohya_file(lora, folder / f"{cfg.name}.safetensors", dtype), write_diffusers_file(
+            layers, folder, model_type)
 
     return export
 
