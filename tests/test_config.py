@@ -73,8 +73,6 @@ def test_command_line_overrides_and_fp16_alias(tmp_path):
 def test_contradictions_raise():
     with pytest.raises(ValueError, match="warmup_ratio and warmup_steps are both set"):
         TrainConfig(base_model="x", warmup_ratio=0.1, warmup_steps=10)
-    with pytest.raises(ValueError, match="an LLM has no text encoder"):
-        TrainConfig(base_model="x", model_type="llm", text_encoder_lr=1e-5)
     with pytest.raises(ValueError, match="constant_with_warmup"):
         TrainConfig(base_model="x", scheduler="constant", warmup_steps=5)
 

@@ -185,3 +185,123 @@ llm.train_llm(load_config(None, {[f"base_model={tiny_llama}", f"metadata_path={p
     # the resumed run clears the debris and finishes
     resumed = llm_train.train_llm(args(tiny_llama, pairs_csv, out, resume_from="latest"), progress=False)
     assert resumed.steps == 12 and not list(out.glob(".tmp-*"))
+
+
+# ---- real faults: a full filesystem, a file-size limit, an address-space limit ------------------------------
+
+
+def _checkpoint_parts(n_params: int):
+    """A model whose trainable file is 4 x n_params bytes and whose Adam state (optimizer.pt) twice that."""
+    model = torch.nn.Linear(n_params // 64, 64, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, n_params // 64)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, opt, sched, load_config(None, ["base_model=x"])
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real filesystem that fills up: a tmpfs of the size asked for (needs root to mount)."""
+    mounted = []
+
+    def mount(size_kb: int):
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)], check=True)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="mounting a tmpfs needs root; the file-size-limit test below covers the real writers")
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_really_full_disk_keeps_the_previous_checkpoint(small_tmpfs, writer):
+    # one checkpoint: ~400 KB trainable.safetensors + ~800 KB optimizer.pt. The second one runs out of space
+    # in the first write (safetensors' own error) or in the second (torch.save's RuntimeError, which names
+    # no cause) depending on the room left.
+    model, opt, sched, cfg = _checkpoint_parts(100_000)
+    out = small_tmpfs(1400 if writer == "safetensors" else 1700)
+    first = checkpoint.save_checkpoint(out, checkpoint.Position(step=1), model, opt, sched, cfg)
+    with pytest.raises(checkpoint.DiskFullError) as err:
+        checkpoint.save_checkpoint(out, checkpoint.Position(step=2), model, opt, sched, cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"disk full while writing checkpoint {out / 'checkpoint-000002'}. A checkpoint needs about")
+    assert f"The previous checkpoint {first} is intact" in msg
+    assert checkpoint.verify_checkpoint(first) is None
+    assert [p.name for p in out.iterdir()] == ["checkpoint-000001"]  # no half-written folder left
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_faults import _checkpoint_parts
+from lora_scripts.train import checkpoint
+model, opt, sched, cfg = _checkpoint_parts(100_000)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    checkpoint.save_checkpoint(Path({out!r}), checkpoint.Position(step=1), model, opt, sched, cfg)
+except checkpoint.DiskFullError as exc:
+    print(exc)
+"""
+
+
+def test_a_file_size_limit_is_reported_as_such(tmp_path):
+    script = FILE_SIZE_LIMIT.format(tests=str(__import__("pathlib").Path(__file__).parent), out=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"file size limit reached (ulimit -f) while writing checkpoint "
+                                  f"{tmp_path / 'checkpoint-000001'}"), done.stdout
+    assert "No earlier checkpoint exists" in done.stdout and not list(tmp_path.iterdir())
+
+
+CPU_OOM = """
+import resource, sys, torch
+from lora_scripts.config import load_config
+from lora_scripts.train.errors import TrainingStopped
+from lora_scripts.train.run import start_run
+cfg = load_config(None, ["base_model=x", "output_dir={out}", "batch_size=8", "mixed_precision=no"])
+try:
+    with start_run(cfg, "llm", progress=False):
+        used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20), resource.RLIM_INFINITY))
+        torch.empty(1 << 30, dtype=torch.uint8)  # 1 GiB past a 256 MiB margin: the CPU allocator refuses
+except TrainingStopped as exc:
+    print(exc)
+"""
+
+
+def test_cpu_out_of_memory_gets_the_advice(tmp_path):
+    done = subprocess.run([sys.executable, "-c", CPU_OOM.format(out=tmp_path / "oom")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("out of memory. Try, in this order:"), done.stdout + done.stderr
+    assert "batch_size: 8 -> 4" in done.stdout
+
+
+def test_checkpoints_are_written_where_folders_cannot_be_opened(tmp_path, monkeypatch):
+    # Windows has no O_DIRECTORY and refuses os.open on a folder; the folder fsync is skipped there
+    model, opt, sched, cfg = _checkpoint_parts(6400)
+    monkeypatch.delattr(checkpoint.os, "O_DIRECTORY")
+    path = checkpoint.save_checkpoint(tmp_path, checkpoint.Position(step=3), model, opt, sched, cfg)
+    assert checkpoint.verify_checkpoint(path) is None
+
+
+@pytest.mark.parametrize("name", ["../outside", "sub/../../outside", "/etc/outside", "C:\\\\loras\\\\outside",
+                                  "..\\\\outside"])
+def test_lora_tags_stay_inside_the_lora_dir(tmp_path, name):
+    from lora_scripts.sd_generate import LoraTagError, resolve_lora_name
+
+    inside = tmp_path / "loras"
+    (inside / "styles").mkdir(parents=True)
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    (inside / "styles" / "night.safetensors").write_bytes(b"")
+    assert resolve_lora_name("styles/night", inside) == inside / "styles" / "night.safetensors"
+    with pytest.raises(LoraTagError, match="looked up inside --lora-dir"):
+        resolve_lora_name(name, inside)

@@ -94,6 +94,24 @@ def test_existing_rows_survive_and_overwrite_keeps_a_backup(photos, tiny_clip):
     assert dict(read_rows(out)[1:])["img01.png"] != "my own words, carefully written"
 
 
+def test_hand_captions_of_every_kind_survive_auto_labelling(photos, tiny_clip):
+    # a sidecar caption, and images in a kohya `N_name` folder listed in the CSV by their bare names
+    (photos / "img00.txt").write_text("my hand caption, sidecar\n")
+    night = photos / "5_night"
+    night.mkdir()
+    for name in ["img03.png", "img04.png"]:
+        (photos / name).rename(night / name)
+    out = photos / "metadata.csv"
+    out.write_text("filename,prompt\nimg03.png,listed by bare name\nimg04.png,also by bare name\n")
+    result = label_folder(photos, out, clip_model=str(tiny_clip), threshold=-1.0, progress=False)
+    assert sorted(result.labelled) == ["img01.png", "img02.png"] and result.kept == 3
+    captions = {it.key: it.caption for it in load_captioned_images(photos)}
+    assert captions["img00.png"] == "my hand caption, sidecar"  # not superseded by a CLIP row
+    assert captions["5_night/img03.png"] == "listed by bare name"
+    assert captions["5_night/img04.png"] == "also by bare name"
+    assert "img00.png" not in dict(read_rows(out)[1:])
+
+
 def test_interrupted_run_resumes_without_duplicates(photos, tiny_clip, monkeypatch):
     out = photos / "metadata.csv"
     interrogator = ClipInterrogator.load(tiny_clip, torch.device("cpu"))

@@ -32,7 +32,7 @@ def overrides(model, data, out, **kw):
 def test_training_learns_and_writes_every_output(tiny_llama, pairs_csv, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_llama, pairs_csv, out, epochs=6, learning_rate=2e-2, val_ratio=0.25,
-                                      save_steps=5, target_modules="all-linear"))
+                                      save_steps=5, target_modules="all-linear", sample_every_n_epochs=4))
     result = llm_train.train_llm(cfg, progress=False)
     steps = [e for e in result.events if e["event"] == "step"]
     assert result.steps == len(steps) == 6 * 5  # 18 train samples -> 5 batches of 4 per epoch
@@ -44,6 +44,9 @@ def test_training_learns_and_writes_every_output(tiny_llama, pairs_csv, tmp_path
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000020", "checkpoint-000025", "checkpoint-000030"]
     assert all(verify_checkpoint(p) is None for p in list_checkpoints(out))
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    # sample_every_n_epochs=4 of 6: after epoch 4, then at the end
+    headings = [line for line in (out / "samples.md").read_text().splitlines() if line.startswith("## ")]
+    assert headings == ["## epoch 4, step 20", "## end of training, step 30"]
     start = next(e for e in result.events if e["event"] == "start")
     assert start["packed"] is True and start["total_steps"] == 30
     assert all(s["tokens_per_s"] > 0 for s in steps)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_scripts.config import load_config
+from lora_scripts.config import ConfigError, load_config
 from lora_scripts.data import images as imgdata
 from lora_scripts.hardware import device_type
 from lora_scripts.preflight import run_preflight
+from lora_scripts.train import train
 
 
 def save(img: Image.Image, path, **kw):
@@ -126,6 +127,47 @@ def test_llm_plan_warnings(tmp_path, pairs_csv, tiny_llama):
     assert has(msgs, "24 training samples is below the 50-200 sweet spot")
     report = run_preflight(load_config(None, [f"{k}={v}" for k, v in {**base, "epochs": 1, "warmup_steps": 6}.items()]))
     assert has(report.errors, "warmup of 6 steps is not shorter than the 6 training steps")
+
+
+def test_a_key_the_family_does_not_read_is_refused_whether_model_type_is_written_or_sniffed(
+        tmp_path, pairs_csv, tiny_llama):
+    base = {"base_model": tiny_llama, "metadata_path": pairs_csv, "output_dir": tmp_path / "o"}
+    for written in ({}, {"model_type": "llm"}):
+        cfg = load_config(None, [f"{k}={v}" for k, v in {**base, **written, "noise_offset": 0.05,
+                                                          "text_encoder_lr": 1e-5, "resolution": 512}.items()])
+        report = run_preflight(cfg)
+        assert report.errors == [
+            "noise_offset: 0.05 applies to image models (Stable Diffusion); this is an LLM run. Remove it",
+            "text_encoder_lr: 1e-05 applies to image models (Stable Diffusion); an LLM has no text encoder of its "
+            "own to train. Remove it"], written  # resolution: 512 is the default, so nothing is lost
+        with pytest.raises(ConfigError, match="noise_offset: 0.05 applies to image models"):
+            train(cfg)  # a library caller that skips the preflight hears it too, before any model loads
+
+
+def test_the_descriptions_example_config_uses_every_key(tmp_path, tiny_sd15, style_images):
+    ckpt, cfg_dir = tiny_sd15
+    out = tmp_path / "output" / "my_style_lora"
+    cfg = tmp_path / "my_lora_config.yaml"
+    cfg.write_text(f"""\
+train_data_dir: "{style_images}"
+metadata_path: "{style_images / 'metadata.csv'}"
+base_model: "{ckpt}"
+lora_rank: 8
+lora_alpha: 16
+batch_size: 4
+epochs: 10
+learning_rate: 1e-4
+optimizer: "AdamW"
+scheduler: "cosine"
+output_dir: "{out}"
+save_steps: 100
+logging_dir: "{out / 'logs'}"
+""")
+    report = run_preflight(load_config(cfg))
+    messages = [f.message for f in report.findings]
+    assert report.model_type == "sd15" and "config: the 13 key(s) set are all used by this sd15 run" in messages
+    report = run_preflight(load_config(cfg, ["max_seq_length=256"]))
+    assert report.errors == ["max_seq_length: 256 applies to LLM runs; this is an image run (sd15). Remove it"]
 
 
 def test_unreadable_output_dir(tmp_path, pairs_csv, tiny_llama):

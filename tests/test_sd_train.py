@@ -259,3 +259,26 @@ def test_rslora_export_alpha_metadata_a1111_and_diffusers_agree(tiny_sd15, style
     pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
     pipe.load_lora_weights(str(result.lora_file.parent), weight_name=result.lora_file.name)
     assert float((unet_and_te_outputs(pipe)[0] - expected_unet).abs().max()) <= 1e-5
+
+
+def test_all_linear_is_kohyas_default_network_and_loads_everywhere(tiny_sd15, style_images, tmp_path):
+    ckpt, cfg_dir = tiny_sd15
+    result = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "all", target_modules="all-linear",
+                              text_encoder_lr=5e-4, max_train_steps=2, sample_every_n_epochs="null"), progress=False)
+    keys = set(load_file(result.lora_file))
+    block = "lora_unet_down_blocks_0_attentions_0"
+    for module in ["proj_in", "proj_out", "transformer_blocks_0_ff_net_0_proj", "transformer_blocks_0_ff_net_2",
+                   "transformer_blocks_0_attn2_to_k"]:
+        assert f"{block}_{module}.lora_down.weight" in keys, module
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in keys
+    assert not any("time_emb_proj" in k or "resnets" in k for k in keys)  # outside the transformer blocks
+    expected_unet, expected_te = unet_and_te_outputs(result.model.pipe)
+    pipe = load_sd(str(ckpt), "sd15", cfg_dir).pipe
+    # 6 transformer blocks x (2 attentions x 4 + 2 feed-forward + proj_in/out, 1x1 convs in SD1.5); TE: 2 x 6
+    assert a1111_apply(pipe, result.lora_file) == 6 * 12 + 2 * 6
+    for loaded in [pipe, load_sd(str(ckpt), "sd15", cfg_dir).pipe]:
+        if loaded is not pipe:
+            loaded.load_lora_weights(str(result.diffusers_file.parent), weight_name=result.diffusers_file.name)
+        unet_out, te_out = unet_and_te_outputs(loaded)
+        assert float((unet_out - expected_unet).abs().max()) <= 1e-4
+        assert float((te_out - expected_te).abs().max()) <= 1e-4

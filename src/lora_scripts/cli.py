@@ -44,10 +44,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.models.llm import ModelLoadError
     from lora_scripts.models.sd import SDLoadError
     from lora_scripts.safety import RunLockedError, UnsafeFileError
+    from lora_scripts.sd_generate import LoraTagError
     from lora_scripts.train.errors import ResumeError
 
     return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,
-            ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError,
+            ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError, LoraTagError,
             FileNotFoundError)
 
 
@@ -331,7 +332,8 @@ def add_label(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-phrases", help="a text file of your own phrases, one per line")
     p.add_argument("--sidecar", action="store_true", help="also write kohya-style .txt files")
     p.add_argument("--dry-run", action="store_true", help="print the prompts, write nothing")
-    p.add_argument("--overwrite", action="store_true", help="relabel every image (old CSV kept as .bak)")
+    p.add_argument("--overwrite", action="store_true", help="relabel every image in the CSV (old CSV kept as .bak); "
+                   "sidecar .txt captions stay unless --sidecar is given too")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
 
@@ -355,7 +357,7 @@ def cmd_label(args) -> int:
         for name, prompt in result.labelled.items():
             print(f"{name:<{width}}  {prompt}")
     else:
-        print(f"{output}: {len(result.labelled)} image(s) labelled, {result.kept} existing row(s) kept")
+        print(f"{output}: {len(result.labelled)} image(s) labelled, {result.kept} existing caption(s) kept")
     for name, why in result.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     if result.skipped:

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_scripts.config import TrainConfig
+from lora_scripts.config import TrainConfig, keys_for_other_family
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
 from lora_scripts.hardware import (
@@ -134,6 +134,15 @@ def check_base_model(cfg: TrainConfig, report: Report) -> str | None:
     return sniffed
 
 
+def check_keys_apply(cfg: TrainConfig, model_type: str, report: Report) -> None:
+    """Every key the config sets is read by this family's run, or it is an error (nothing is ignored)."""
+    problems = keys_for_other_family(cfg, model_type)
+    for problem in problems:
+        report.error(problem)
+    if not problems:
+        report.info(f"config: the {len(cfg.model_fields_set)} key(s) set are all used by this {model_type} run")
+
+
 def check_llm_data(cfg: TrainConfig, report: Report) -> int:
     source = cfg.resolved_metadata_path() or cfg.train_data_dir
     if source is None:
@@ -224,6 +233,7 @@ def run_preflight(cfg: TrainConfig) -> Report:
     if model_type is None:
         return report
     report.info(f"model: {cfg.base_model} ({model_type})")
+    check_keys_apply(cfg, model_type, report)
     n = check_llm_data(cfg, report) if model_type == "llm" else check_image_data(cfg, report)
     report.n_samples = n
     if not n:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from PIL import Image, ImageDraw
@@ -20,8 +20,18 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return clean, tags
 
 
+class LoraTagError(ValueError):
+    pass
+
+
 def resolve_lora_name(name: str, lora_dir: Path) -> Path:
-    """`name` → `<lora_dir>/<name>.safetensors`, or a file whose ss_output_name is `name`."""
+    """`name` → `<lora_dir>/<name>.safetensors` (sub-folders allowed), or a file whose ss_output_name is
+    `name`. A prompt may come from anyone (a shared prompt list, a web form): its tags never reach outside
+    `lora_dir`, so an absolute name or a `..` step is refused."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or PureWindowsPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise LoraTagError(f"<lora:{name}>: LoRA names are looked up inside --lora-dir {lora_dir}; absolute paths and "
+                           "'..' are not allowed (copy the file into that folder, or pass it with --lora PATH)")
     direct = Path(lora_dir) / f"{name}.safetensors"
     if direct.exists():
         return direct

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lora_scripts.data.images import CaptionFileError, open_rgb, read_caption_csv, scan_images
+from lora_scripts.data.images import CaptionFileError, open_rgb, read_caption_csv, read_sidecar, scan_images
 from lora_scripts.label.captioner import Captioner
 from lora_scripts.label.clip import DEFAULT_CLIP, ClipInterrogator, read_phrase_file
 from lora_scripts.label.writer import compose_prompt, write_csv_atomic, write_text_atomic
@@ -49,6 +49,13 @@ def resolve_model_folder(name: str | None, what: str, default: str | None = None
         ) from None
 
 
+def _sidecar_text(path: Path) -> str | None:
+    try:
+        return read_sidecar(path)
+    except CaptionFileError:  # not UTF-8: still a person's caption; the preflight reports the encoding
+        return "unreadable"
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +65,7 @@ def pick_device(device: str) -> torch.device:
 @dataclass
 class LabelResult:
     labelled: dict[str, str] = field(default_factory=dict)  # filename -> prompt written this run
-    kept: int = 0  # existing rows left as they were
+    kept: int = 0  # images whose existing caption (a CSV row or a sidecar .txt) was left as it was
     skipped: dict[str, str] = field(default_factory=dict)  # filename -> why it could not be read
     details: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # chosen phrases and scores
 
@@ -106,8 +113,15 @@ def label_folder(
     else:
         rows = dict(existing)
 
-    result = LabelResult(kept=len(rows) if not overwrite else 0)
-    todo = [it for it in items if it.key not in rows]
+    # Hand captions of every kind are kept: CSV rows (by relative path, or by bare name as kohya-style
+    # folders are often listed) and sidecar .txt files, which --overwrite replaces only with --sidecar.
+    def captioned(it) -> bool:
+        if it.key in rows or it.path.name in rows:
+            return True
+        return not (overwrite and sidecar) and bool(_sidecar_text(it.path))
+
+    todo = [it for it in items if not captioned(it)]
+    result = LabelResult(kept=len(items) - len(todo) - (len(done_this_pass & {it.key for it in items})))
     if not todo:
         return result
 

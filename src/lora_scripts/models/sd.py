@@ -24,10 +24,14 @@ if TYPE_CHECKING:
 # apart in a single-file checkpoint by their embedding widths (768 vs 1280 in the real one).
 XL_TE2_EXTRA = 16
 # The SD adapter targets: UNet attention projections, the 3x3/1x1 convolutions LoCon adds, and the
-# text encoders' attention projections.
+# text encoders' attention projections. `all-linear` is kohya's default network: every Linear and 1x1 conv
+# inside the UNet's transformer blocks (attention, proj_in/proj_out, feed-forward) and the text encoders'
+# attention and MLP; the ResNet blocks' time-embedding projections stay out, as in kohya.
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_TRANSFORMER_LINEAR = [*UNET_ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 UNET_CONV = ["conv1", "conv2", "proj_in", "proj_out"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TE_ALL_LINEAR = [*TE_TARGETS, "fc1", "fc2"]
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
@@ -226,6 +230,17 @@ def save_config_folder_for(pipe, folder: Path) -> Path:
 
 
 # ---- adapters and conditioning ----------------------------------------------------------------------------
+
+
+def adapter_targets(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(UNet targets, text-encoder targets) for the config's target_modules and train_unet_conv."""
+    if cfg.target_modules == "all-linear":
+        unet, te = UNET_TRANSFORMER_LINEAR, TE_ALL_LINEAR
+    else:
+        unet, te = cfg.target_modules or UNET_ATTENTION, TE_TARGETS
+    if cfg.train_unet_conv:
+        unet = unet + [m for m in UNET_CONV if m not in unet]
+    return list(unet), list(te)
 
 
 def lora_config_for(cfg: TrainConfig, targets: list[str]):

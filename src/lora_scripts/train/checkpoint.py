@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.config import TrainConfig
@@ -42,7 +43,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename inside `path` durable. Only where folders can be opened (POSIX): Windows has no
+    O_DIRECTORY and refuses to open a folder, and NTFS journals the rename itself."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -115,20 +120,23 @@ def save_checkpoint(
     tmp = output_dir / f".tmp-checkpoint-{pos.step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    previous = list_checkpoints(output_dir)
     try:
         _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks)
-    except OSError as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            previous = list_checkpoints(output_dir)
-            need = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
-            raise DiskFullError(
-                f"disk full while writing checkpoint {final}: {exc.strerror}. A checkpoint needs about "
-                f"{max(need, 1) / 1e6:.1f} MB free in {output_dir} (free now: {shutil.disk_usage(output_dir).free / 1e6:.1f} MB). "
-                + (f"The previous checkpoint {previous[-1]} is intact; free some space and resume with "
-                   "resume_from: latest." if previous else "No earlier checkpoint exists.")
-            ) from None
-        raise
+        need = max(written, sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0)
+        reason = _out_of_space(exc, output_dir, need)
+        if reason is None:
+            raise
+        free = shutil.disk_usage(output_dir).free
+        raise DiskFullError(
+            f"{reason} while writing checkpoint {final}. A checkpoint needs about {max(need, 1) / 1e6:.1f} MB free in "
+            f"{output_dir} (free now: {free / 1e6:.1f} MB). "
+            + (f"The previous checkpoint {previous[-1]} is intact; free some space and resume with "
+               "resume_from: latest." if previous else "No earlier checkpoint exists.")
+        ) from None
 
     if final.exists():  # a rerun over the same step: replace it, never merge into it
         shutil.rmtree(final)
@@ -138,6 +146,24 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _out_of_space(exc: BaseException, output_dir: Path, need: int) -> str | None:
+    """Why a checkpoint write failed, when it is space: each writer says it its own way. Python's file
+    writes raise OSError(ENOSPC); safetensors raises SafetensorError("... No space left on device (os error
+    28)"); torch.save raises a RuntimeError that names no cause ("unexpected pos 576 vs 534"), so there the
+    free space decides. None: some other fault, raised as it is."""
+    errno_ = getattr(exc, "errno", None)
+    text = str(exc)
+    if errno_ == errno.EDQUOT or "Disk quota" in text or "os error 122" in text:
+        return "disk quota exceeded"
+    if errno_ == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return "disk full"
+    if errno_ == errno.EFBIG or "File too large" in text or "os error 27" in text:
+        return "file size limit reached (ulimit -f)"
+    if isinstance(exc, RuntimeError) and shutil.disk_usage(output_dir).free < max(need, 1 << 20):
+        return "disk full"
+    return None
 
 
 def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn, scaler,

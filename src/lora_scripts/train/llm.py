@@ -279,7 +279,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                     break
             if pos.group >= len(groups):  # the epoch is complete
                 run_eval()
-                if accelerator.is_main_process and sample_prompts:
+                if run.samples_due(pos) and accelerator.is_main_process and sample_prompts:
                     write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator)
                 run.next_epoch(pos)
 
@@ -289,6 +289,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         run.checkpoint(pos)
         if accelerator.is_main_process:
             export_adapter(out_dir)
+            if sample_prompts:
+                write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator, final=True)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
                         precision=cfg.mixed_precision, adapter=str(out_dir / "adapter_model.safetensors"))
@@ -299,10 +301,11 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                            weights_folder if cast_frozen else None, run.skipped_steps)
 
 
-def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator) -> None:
+def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator, final: bool = False) -> None:
+    """Replies to the sample prompts, appended to samples.md under the epoch (or the end of the run)."""
     with accelerator.autocast():
         replies = generate_replies(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
-    lines = [f"## epoch {pos.epoch + 1}, step {pos.step}\n"]
+    lines = [f"## {'end of training' if final else f'epoch {pos.epoch + 1}'}, step {pos.step}\n"]
     for i, r in enumerate(replies):
         events.emit("sample", step=pos.step, index=i, prompt=r.prompt, text=r.text, stopped=r.stopped)
         lines.append(f"### {r.prompt}\n{r.text}\n{'' if r.stopped else '[did not stop within max_new_tokens]'}\n")

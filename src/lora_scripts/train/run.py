@@ -121,8 +121,16 @@ class NanGuard:
 OOM_TYPES = (torch.cuda.OutOfMemoryError,)
 
 
+# How an allocation failure reads: CUDA's "out of memory"; torch's CPU allocator "DefaultCPUAllocator: can't
+# allocate memory" (torch 2.x; older: "not enough memory") with "Error code 12 (Cannot allocate memory)".
+OOM_PHRASES = ("out of memory", "defaultcpuallocator: can't allocate", "defaultcpuallocator: not enough memory",
+               "cannot allocate memory")
+
+
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, OOM_TYPES) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    if isinstance(exc, (MemoryError, *OOM_TYPES)):
+        return True
+    return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in OOM_PHRASES)
 
 
 def oom_message(cfg: TrainConfig, family: str) -> str:
@@ -274,6 +282,12 @@ class TrainingRun:
         base model's eval is not training time)."""
         self.stop.install()
         self._tick = time.perf_counter()
+
+    def samples_due(self, pos: Position) -> bool:
+        """At the end of an epoch: whether `sample_every_n_epochs` asks for samples now. The last epoch's are
+        the end of the run's, written after the export (null: only those)."""
+        every = self.cfg.sample_every_n_epochs
+        return bool(every) and (pos.epoch + 1) % every == 0 and pos.step < self.total_steps
 
     def next_epoch(self, pos: Position) -> None:
         """After an epoch's eval and samples: every rank is there, the position moves on, and the clock

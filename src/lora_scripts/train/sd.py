@@ -24,10 +24,8 @@ from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_me
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import (
-    TE_TARGETS,
-    UNET_ATTENTION,
-    UNET_CONV,
     SDModel,
+    adapter_targets,
     add_text_encoder_adapter,
     encode_prompts,
     load_sd,
@@ -99,12 +97,12 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.
     unet = model.unet
     for part in [unet, model.vae, *model.text_encoders]:
         part.requires_grad_(False)
-    targets = cfg.target_modules if isinstance(cfg.target_modules, list) else UNET_ATTENTION
-    unet.add_adapter(lora_config_for(cfg, targets + (UNET_CONV if cfg.train_unet_conv else [])))
+    unet_targets, te_targets = adapter_targets(cfg)
+    unet.add_adapter(lora_config_for(cfg, unet_targets))
     train_te = cfg.text_encoder_lr is not None
     if train_te:
         for te in model.text_encoders:
-            add_text_encoder_adapter(te, lora_config_for(cfg, TE_TARGETS))
+            add_text_encoder_adapter(te, lora_config_for(cfg, te_targets))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for part in [unet, *(model.text_encoders if train_te else [])]:
@@ -296,8 +294,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 if pos.step >= total_steps:
                     break
             if pos.group >= len(step_groups):
-                every = cfg.sample_every_n_epochs
-                if every and (pos.epoch + 1) % every == 0 and pos.step < total_steps:
+                if run.samples_due(pos):
                     write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
                 run.next_epoch(pos)
 
