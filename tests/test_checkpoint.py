@@ -12,7 +12,7 @@ from lora_scripts.train.checkpoint import (
     verify_checkpoint,
 )
 from lora_scripts.train.common import build_optimizer, build_scheduler
-from lora_scripts.train.plan import plan_steps
+from lora_scripts.train.plan import plan_steps, share_batches
 
 
 def tiny_setup(seed=0):
@@ -84,6 +84,18 @@ def test_plan_steps():
     assert (p.batches_per_rank, p.steps_per_epoch, p.total_steps) == (3, 2, 6)
     p = plan_steps(30, cfg.model_copy(update={"max_train_steps": 5}))
     assert (p.total_steps, p.epochs) == (5, 2)
+
+
+def test_image_batches_are_all_run_on_any_number_of_processes():
+    cfg = TrainConfig(base_model="x", batch_size=2)
+    batches = [[0, 1], [2], [3, 4], [5]]  # two buckets of 3 views: each has a partial last batch
+    assert plan_steps(6, cfg, n_batches=4).batches_per_rank == 4  # not ceil(6 / 2) = 3
+    for world in (1, 2, 3):
+        per_rank = plan_steps(6, cfg, world, n_batches=4).batches_per_rank
+        shares = [share_batches(batches, per_rank, world, rank) for rank in range(world)]
+        assert {len(s) for s in shares} == {per_rank}  # DDP: every process runs the same count
+        seen = sorted(i for share in shares for batch in share for i in batch)
+        assert set(seen) == set(range(6)), world  # no view dropped; padding repeats the first batches
 
 
 def test_every_optimizer_and_schedule_builds_and_steps():

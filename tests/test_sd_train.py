@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lora_scripts.config import load_config
 from lora_scripts.data import sd_data
+from lora_scripts.data.buckets import make_buckets, nearest_bucket
 from lora_scripts.models.sd import load_sd
 from lora_scripts.train.sd import snr_weights, train_sd
 
@@ -176,10 +177,10 @@ def test_latent_cache_is_reused_and_corruption_is_rebuilt(tiny_sd15, style_image
 
 
 def test_buckets_keep_the_area_and_crop_little():
-    buckets = sd_data.make_buckets(512)
+    buckets = make_buckets(512)
     assert (512, 512) in buckets and (576, 448) in buckets and (448, 576) in buckets
     assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
-    assert sd_data.nearest_bucket((1920, 1080), buckets) == (640, 384)
+    assert nearest_bucket((1920, 1080), buckets) == (640, 384)
     from PIL import Image
 
     img = sd_data.fit_to_bucket(Image.new("RGB", (1920, 1080)), (640, 384))
@@ -282,3 +283,32 @@ def test_all_linear_is_kohyas_default_network_and_loads_everywhere(tiny_sd15, st
         unet_out, te_out = unet_and_te_outputs(loaded)
         assert float((unet_out - expected_unet).abs().max()) <= 1e-4
         assert float((te_out - expected_te).abs().max()) <= 1e-4
+
+
+def test_every_image_is_seen_each_epoch_when_buckets_do_not_fill_batches(tiny_sd15, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ckpt, cfg_dir = tiny_sd15
+    images = tmp_path / "uneven"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    rows = ["filename,prompt"]
+    for i, (w, h) in enumerate([(128, 128)] * 3 + [(256, 96)] * 3):  # 3 square + 3 wide: 3 views per bucket
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"i{i}.png")
+        rows.append(f"i{i}.png,view {i}")
+    (images / "metadata.csv").write_text("\n".join(rows) + "\n")
+    cfg = sd_args(ckpt, cfg_dir, images, tmp_path / "run", epochs=2, save_steps=100, sample_every_n_epochs="null")
+    from lora_scripts.preflight import run_preflight
+
+    report = run_preflight(cfg)
+    assert has_message(report, "4 optimizer steps per epoch, 8 in all over 2 epoch(s)")  # 2 + 2, not ceil(6/2)
+    result = train_sd(cfg, progress=False)
+    steps = [e for e in result.events if e["event"] == "step"]
+    start = next(e for e in result.events if e["event"] == "start")
+    assert len(start["buckets"]) == 2 and len(steps) == result.steps == 8
+    assert [sum(e["images"] for e in steps[:4]), sum(e["images"] for e in steps[4:])] == [6, 6]
+
+
+def has_message(report, text):
+    return any(text in f.message for f in report.findings)

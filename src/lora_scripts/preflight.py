@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_scripts.config import TrainConfig, keys_for_other_family
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
+from lora_scripts.data.buckets import batches_per_epoch, image_bucket, make_buckets
 from lora_scripts.hardware import (
     Precision,
     bf16_is_emulated,
@@ -54,6 +55,7 @@ class Report:
     tokens_per_sample: float | None = None  # LLM data: estimated from the characters
     estimated_seconds: float | None = None  # of training steps, from the rough FLOP model below
     precision: Precision | None = None  # what `mixed_precision` means on this machine
+    image_batches: int | None = None  # SD: an epoch's batches, one bucket per batch
 
     def error(self, msg: str) -> None:
         self.findings.append(Finding("error", msg))
@@ -221,6 +223,14 @@ def check_image_data(cfg: TrainConfig, report: Report) -> int:
     repeats = imgdata.plan_repeats(usable, cfg.repeats)
     report.info(f"{folder}: {len(items)} images; {imgdata.describe_repeats(usable, repeats)}")
     report.n_images = len(usable)
+    shapes = make_buckets(cfg.resolution)
+    views: dict[tuple[int, int], int] = {}
+    for it, r in zip(usable, repeats):
+        bucket = image_bucket(it.path, shapes)
+        views[bucket] = views.get(bucket, 0) + r
+    report.image_batches = batches_per_epoch(views, cfg.batch_size)
+    report.info("buckets (width x height: views per epoch): "
+                + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(views.items())))
     return sum(repeats)
 
 
@@ -245,7 +255,7 @@ def run_preflight(cfg: TrainConfig) -> Report:
     elif n > hi * 5:
         report.info(f"{n} training samples: more than LoRA needs for a style; epochs can be fewer")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = plan_steps(n, cfg, world)
+    plan = plan_steps(n, cfg, world, report.image_batches)
     if plan.steps_per_epoch == 0:
         report.error(f"{n} samples cannot fill one batch of batch_size={cfg.batch_size}")
         return report

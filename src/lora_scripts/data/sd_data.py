@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 from collections import defaultdict
@@ -22,27 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from lora_scripts.data.buckets import image_bucket, make_buckets
 from lora_scripts.data.images import ImageItem, open_rgb
 from lora_scripts.hashing import sha256_file
-
-
-def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs with width*height <= resolution², both multiples of `step`."""
-    area = resolution * resolution
-    buckets = set()
-    w = step
-    while w <= resolution * 4:
-        h = (area // w) // step * step
-        if h >= step and max(w, h) / min(w, h) <= max_aspect:
-            buckets.add((w, h))
-        w += step
-    return sorted(buckets)
-
-
-def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    w, h = size
-    target = math.log(w / h)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
 
 
 def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
@@ -84,19 +65,22 @@ def build_samples(items: list[ImageItem], resolution: int) -> tuple[list[Sample]
     buckets = make_buckets(resolution)
     samples, table = [], defaultdict(int)
     for it in items:
-        with Image.open(it.path) as im:
-            size = im.size
-            orientation = (im.getexif() or {}).get(0x0112, 1)
-        if orientation in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
-            size = (size[1], size[0])
-        bucket = nearest_bucket(size, buckets)
+        bucket = image_bucket(it.path, buckets)
         samples.append(Sample(it, bucket, sha256_file(it.path)))
         table[bucket] += 1
     return samples, dict(sorted(table.items()))
 
 
+def views_per_bucket(samples: list[Sample], repeats: list[int]) -> dict[tuple[int, int], int]:
+    views: dict[tuple[int, int], int] = defaultdict(int)
+    for s, r in zip(samples, repeats):
+        views[s.bucket] += r
+    return dict(views)
+
+
 def epoch_batches(samples: list[Sample], repeats: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of sample indices, every batch from one bucket; a pure function of (seed, epoch)."""
+    """Batches of sample indices, every batch from one bucket (its last one partial); a pure function of
+    (seed, epoch). There are `buckets.batches_per_epoch` of them."""
     rng = random.Random(seed * 100_003 + epoch)
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for idx, (s, r) in enumerate(zip(samples, repeats)):

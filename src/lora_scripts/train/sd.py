@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
+from lora_scripts.data.buckets import batches_per_epoch
 from lora_scripts.data.images import describe_repeats, load_captioned_images, plan_repeats
 from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
 from lora_scripts.models.detect import detect_model_type
@@ -43,7 +44,7 @@ from lora_scripts.train.common import (
     lora_inputs_uncast,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
-from lora_scripts.train.plan import plan_steps
+from lora_scripts.train.plan import plan_steps, share_batches
 from lora_scripts.train.run import start_run
 
 
@@ -238,7 +239,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         if te_params:
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
 
-        plan = plan_steps(sum(repeats), cfg, world)
+        plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(sd_data.views_per_bucket(samples, repeats),
+                                                                      cfg.batch_size))
         total_steps = plan.total_steps
         optimizer = build_optimizer(cfg, groups)
         lr_sched = build_scheduler(cfg, optimizer, total_steps)
@@ -278,7 +280,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         run.begin_steps()
         while pos.step < total_steps:
             batches = sd_data.epoch_batches(samples, repeats, cfg.batch_size, cfg.seed, pos.epoch)
-            mine = batches[: plan.batches_per_rank * world][rank::world]
+            mine = share_batches(batches, plan.batches_per_rank, world, rank)
             acc = cfg.gradient_accumulation_steps
             step_groups = [mine[i : i + acc] for i in range(0, len(mine), acc)]
             for group in step_groups[pos.group :]:
