@@ -173,7 +173,8 @@ def save(obj, path, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-write: optimizer saved, scheduler/rng/COMPLETE not yet
 checkpoint.torch.save = save
 llm.train_llm(load_config(None, {[f"base_model={tiny_llama}", f"metadata_path={pairs_csv}", f"output_dir={out}",
-                                  "epochs=2", "batch_size=4", "save_steps=2"]!r}), progress=False)
+                                  "epochs=2", "batch_size=4", "save_steps=2", "learning_rate=5e-3"]!r}),
+              progress=False)  # the settings args() gives the resumed run below: a resume must match them
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9
@@ -309,3 +310,31 @@ def test_lora_tags_stay_inside_the_lora_dir(tmp_path, name):
     assert resolve_lora_name("styles/night", inside) == inside / "styles" / "night.safetensors"
     with pytest.raises(LoraTagError, match="looked up inside --lora-dir"):
         resolve_lora_name(name, inside)
+
+
+def test_resume_refuses_other_settings_or_data_and_names_them(tiny_llama, pairs_csv, tmp_path):
+    out = tmp_path / "run"
+    llm_train.train_llm(args(tiny_llama, pairs_csv, out, epochs=1), progress=False)  # checkpoints at 2, 4, 6
+    with pytest.raises(checkpoint.ResumeError) as err:
+        llm_train.train_llm(args(tiny_llama, pairs_csv, out, epochs=2, resume_from="latest", lora_dropout=0.1,
+                                 lora_rank=4), progress=False)
+    msg = str(err.value)
+    assert f"resume_from: {out / 'checkpoint-000006'} was written by a run with other settings or data" in msg
+    assert "lora_dropout: 0.0 at the checkpoint, 0.1 now" in msg and "lora_rank: 8 at the checkpoint, 4 now" in msg
+    assert "lora_alpha: 16.0 at the checkpoint, 8.0 now" in msg and "resume_force: true" in msg
+
+    rows = pairs_csv.read_text().splitlines()
+    pairs_csv.write_text("\n".join(rows[:-1]) + "\n")  # one pair fewer
+    with pytest.raises(checkpoint.ResumeError, match="the training data: 24 samples at the checkpoint, 23 now"):
+        llm_train.train_llm(args(tiny_llama, pairs_csv, out, epochs=2, resume_from="latest"), progress=False)
+    forced = llm_train.train_llm(args(tiny_llama, pairs_csv, out, epochs=2, resume_from="latest",
+                                      resume_force="true"), progress=False)
+    warnings = [e["message"] for e in forced.events if e["event"] == "warning"]
+    assert "resume_force: continuing although the training data: 24 samples at the checkpoint, 23 now" in warnings
+
+    pairs_csv.write_text("\n".join(rows) + "\n")
+    out2 = tmp_path / "longer"
+    llm_train.train_llm(args(tiny_llama, pairs_csv, out2, epochs=1), progress=False)
+    longer = llm_train.train_llm(args(tiny_llama, pairs_csv, out2, epochs=2, save_steps=3, resume_from="latest"),
+                                 progress=False)  # more epochs, other save_steps: the same run, continued
+    assert [e["step"] for e in longer.events if e["event"] == "step"][0] == 7 and longer.steps == 12

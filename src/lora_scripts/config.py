@@ -207,7 +207,12 @@ class TrainConfig(BaseModel):
     """Keep only the newest N checkpoints; null keeps all."""
 
     resume_from: str | None = None
-    """A checkpoint folder, or `latest` for the newest complete checkpoint in output_dir."""
+    """A checkpoint folder, or `latest` for the newest complete checkpoint in output_dir. The run must have
+    the checkpoint's settings and data (epochs, max_train_steps, precision, saving, logging and sample
+    settings may change); a difference is an error that names it."""
+
+    resume_force: bool = False
+    """Resume even though settings or data differ from the checkpoint's (each difference is warned about)."""
 
     # ---- evaluation and samples ------------------------------------------------------------------
     sample_prompts: list[str] = Field(default_factory=list)
@@ -310,33 +315,6 @@ class TrainConfig(BaseModel):
 
 
 KNOWN_KEYS = tuple(TrainConfig.model_fields)
-
-# Keys only one family reads; every other key is read by both. The preflight (and `train`) refuses a key
-# set for the other family, so no setting is dropped without a word. Checked against the family after
-# `model_type` is sniffed, so a config gets the same answer whether it names its model_type or not.
-IMAGE_ONLY_KEYS = (
-    "resolution", "repeats", "trigger_word", "shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug",
-    "noise_offset", "min_snr_gamma", "v_parameterization", "train_unet_conv", "cache_latents", "model_config_dir",
-    "sample_steps", "sample_guidance", "sample_negative_prompt", "save_precision", "text_encoder_lr",
-)
-LLM_ONLY_KEYS = ("max_seq_length", "max_new_tokens")
-
-
-def keys_for_other_family(cfg: TrainConfig, model_type: str) -> list[str]:
-    """One message per key the config sets to a non-default value that the `model_type` run would not read.
-    A key written at its default value changes nothing, so it is not reported (a copied default config
-    keeps working)."""
-    llm = model_type == "llm"
-    problems = []
-    for key in IMAGE_ONLY_KEYS if llm else LLM_ONLY_KEYS:
-        value = getattr(cfg, key)
-        if key in cfg.model_fields_set and value != TrainConfig.model_fields[key].get_default(call_default_factory=True):
-            if llm:
-                why = "an LLM has no text encoder of its own to train" if key == "text_encoder_lr" else "this is an LLM run"
-                problems.append(f"{key}: {value!r} applies to image models (Stable Diffusion); {why}. Remove it")
-            else:
-                problems.append(f"{key}: {value!r} applies to LLM runs; this is an image run ({model_type}). Remove it")
-    return problems
 
 # The words YAML 1.1 turns into booleans, and the keys whose valid values include one of them
 _YAML_TRUE, _YAML_FALSE = ("yes", "on", "true"), ("no", "off", "false")

@@ -11,7 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_scripts.config import TrainConfig, keys_for_other_family
+from lora_scripts.config import TrainConfig
+from lora_scripts.config_rules import keys_for_other_family
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
 from lora_scripts.data.buckets import batches_per_epoch, image_bucket, make_buckets

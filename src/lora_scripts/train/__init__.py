@@ -10,7 +10,8 @@ def train(cfg, progress: bool = True, callback=None):
     The loops are imported here, not at the top: importing `lora_scripts.train.plan` (as the preflight
     does) must not load torch.
     """
-    from lora_scripts.config import ConfigError, keys_for_other_family
+    from lora_scripts.config import ConfigError
+    from lora_scripts.config_rules import keys_for_other_family
     from lora_scripts.models.detect import detect_model_type
 
     if cfg.model_type is None:

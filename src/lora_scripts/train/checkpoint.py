@@ -7,6 +7,7 @@ never leaves a partial checkpoint that looks valid; `resume_from: latest` takes 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.config_rules import training_settings
 from lora_scripts.hashing import sha256_file
 from lora_scripts.train.errors import DiskFullError, ResumeError
 
@@ -108,6 +110,7 @@ def save_checkpoint(
     keep: int | None = None,
     scaler=None,
     rng_ranks: list[dict[str, torch.Tensor]] | None = None,
+    data: dict | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically.
 
@@ -122,7 +125,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     previous = list_checkpoints(output_dir)
     try:
-        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks)
+        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks, data)
     except (OSError, RuntimeError, SafetensorError) as exc:
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
@@ -167,14 +170,14 @@ def _out_of_space(exc: BaseException, output_dir: Path, need: int) -> str | None
 
 
 def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn, scaler,
-                      rng_ranks) -> None:
+                      rng_ranks, data) -> None:
     tmp.mkdir(parents=True)
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     save_rng_state(tmp, rng_ranks)
-    state = {**asdict(pos), "time": time.time()}
+    state = {**asdict(pos), "time": time.time(), "settings": training_settings(cfg), "data": data}
     if scaler is not None:  # fp16: the loss scale it had found, so a resumed run does not start over at 65536
         state["grad_scaler"] = scaler.state_dict()
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -249,10 +252,36 @@ def find_resume_checkpoint(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
+def data_fingerprint(rows: list) -> dict:
+    """What the training data was: how many samples and a sha256 of their content (JSON-able rows, e.g.
+    each sample's text, or each image's path, content hash, caption and repeats)."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return {"samples": len(rows), "sha256": digest}
+
+
+def resume_differences(ckpt: Path, cfg: TrainConfig, data: dict | None) -> list[str]:
+    """How this run differs from the one that wrote `ckpt` (settings that shape the weights, and the data);
+    empty for a checkpoint written before these were recorded."""
+    state = json.loads((ckpt / "state.json").read_text())
+    then, now = state.get("settings"), training_settings(cfg)
+    changes = []
+    if then is not None:
+        for key in sorted(set(then) | set(now)):
+            if then.get(key) != now.get(key):
+                changes.append(f"{key}: {then.get(key)!r} at the checkpoint, {now.get(key)!r} now")
+    old = state.get("data")
+    if old is not None and data is not None and old != data:
+        same_count = old["samples"] == data["samples"]
+        changes.append(f"the training data: {old['samples']} samples at the checkpoint, {data['samples']} now"
+                       + (" (same count, different content)" if same_count else ""))
+    return changes
+
+
 def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events, scaler=None,
-                    rank: int = 0) -> Position:
+                    rank: int = 0, data: dict | None = None) -> Position:
     """Position() for a fresh run, or the restored position of `resume_from` (weights, optimizer, schedule,
-    loss scale and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning."""
+    loss scale and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning. A checkpoint
+    written with other settings or data is refused, naming each difference (`resume_force` warns instead)."""
     if not cfg.resume_from:
         return Position()
     out_dir = Path(cfg.output_dir)
@@ -260,6 +289,13 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
     if ckpt is None:
         events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
         return Position()
+    changes = resume_differences(ckpt, cfg, data)
+    if changes and not cfg.resume_force:
+        raise ResumeError(f"resume_from: {ckpt} was written by a run with other settings or data:\n  "
+                          + "\n  ".join(changes) + "\nUndo the change, train into a new output_dir, or set "
+                          "resume_force: true to continue anyway")
+    for change in changes:
+        events.emit("warning", message=f"resume_force: continuing although {change}")
     pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank)
     events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
     return pos

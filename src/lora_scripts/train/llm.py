@@ -226,7 +226,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             core.save_pretrained(folder, safe_serialization=True)
 
         run.track([model], core, params, optimizer, scheduler, total_steps, export_adapter)
-        pos = run.resume()
+        pos = run.resume([[s.text, s.messages] for s in train_samples])
 
         n_trainable = sum(p.numel() for p in params)
         events.emit(

@@ -21,6 +21,7 @@ import torch
 from lora_scripts.config import TrainConfig
 from lora_scripts.train.checkpoint import (
     Position,
+    data_fingerprint,
     list_checkpoints,
     remove_partial_checkpoints,
     resume_position,
@@ -211,6 +212,7 @@ class TrainingRun:
         self.skipped_steps = 0  # updates not applied: fp16 overflows and NaN-guard skips
         self._overflows_in_a_row = 0
         self.last_loss: float | None = None
+        self.data: dict | None = None  # the training data's fingerprint, set by resume()
         self._tick = time.perf_counter()
 
     def __enter__(self) -> TrainingRun:
@@ -245,13 +247,15 @@ class TrainingRun:
         self.models, self.state, self.params = models, state, params
         self.optimizer, self.scheduler, self.total_steps, self.export = optimizer, scheduler, total_steps, export
 
-    def resume(self) -> Position:
-        """Position() for a fresh run, or the restored one of `resume_from`. Then each process draws its own
-        dropout masks: rank r > 0 of a fresh run reseeds its torch generator (rank 0 keeps the single-process
-        stream); a resumed run has each rank's generator back from the checkpoint."""
+    def resume(self, data_rows: list) -> Position:
+        """Position() for a fresh run, or the restored one of `resume_from`; `data_rows` (JSON-able, one per
+        training sample) fingerprint the data, recorded in each checkpoint and compared on resume. Then each
+        process draws its own dropout masks: rank r > 0 of a fresh run reseeds its torch generator (rank 0
+        keeps the single-process stream); a resumed run has each rank's generator back from the checkpoint."""
         acc = self.accelerator
+        self.data = data_fingerprint(data_rows)
         pos = resume_position(self.cfg, self.state, self.optimizer, self.scheduler, self.events, acc.scaler,
-                              acc.process_index)
+                              acc.process_index, self.data)
         if pos.step == 0 and acc.process_index > 0:
             torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
         return pos
@@ -370,7 +374,7 @@ class TrainingRun:
         if acc.is_main_process:
             path = save_checkpoint(self.out_dir, pos, self.state, self.optimizer, self.scheduler, self.cfg,
                                    self.export, keep=self.cfg.save_total_limit, scaler=acc.scaler,
-                                   rng_ranks=rng_ranks)
+                                   rng_ranks=rng_ranks, data=self.data)
             self.events.emit("checkpoint", step=pos.step, path=str(path))
         acc.wait_for_everyone()
         return path

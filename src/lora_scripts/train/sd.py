@@ -258,7 +258,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
         export = exporter(cfg, model, model_type, train_te, items, plan)
         run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export)
-        pos = run.resume()
+        pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
 
         # ---- caches ----------------------------------------------------------------------------------------
         cache = filled_latent_cache(cfg, vae, samples, events) if cfg.cache_latents else None
