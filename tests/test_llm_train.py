@@ -285,3 +285,20 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tiny_
     assert f"checkpoint saved: {out / 'checkpoint-000003'}" in proc.stderr
     assert f"python train.py --config {cfg} resume_from=latest" in proc.stderr
     assert verify_checkpoint(out / "checkpoint-000003") is None
+
+
+def test_save_best_keeps_the_adapter_of_the_lowest_eval_loss(tiny_llama, pairs_csv, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "best_run"
+    cfg = load_config(None, overrides(tiny_llama, pairs_csv, out, epochs=3, learning_rate=2e-2, val_ratio=0.25,
+                                      save_steps=5, save_total_limit="null", save_best="true"))
+    result = llm_train.train_llm(cfg, progress=False)
+    assert [s for s, _ in result.eval_losses] == [0, 5, 10, 15]
+    best_step, best_loss = min(result.eval_losses[1:], key=lambda e: e[1])
+    end = next(e for e in result.events if e["event"] == "end")
+    assert (end["best_step"], end["best_epoch"], end["best_eval_loss"]) == (best_step, best_step // 5, best_loss)
+    best = load_file(out / "best" / "adapter_model.safetensors")
+    at_best = load_file(out / f"checkpoint-{best_step:06d}" / "adapter_model.safetensors")
+    assert best.keys() == at_best.keys() and all(best[k].equal(at_best[k]) for k in best)
+    assert (out / "best" / "adapter_config.json").exists() and not list(out.glob(".tmp-*"))

@@ -312,3 +312,41 @@ def test_every_image_is_seen_each_epoch_when_buckets_do_not_fill_batches(tiny_sd
 
 def has_message(report, text):
     return any(text in f.message for f in report.findings)
+
+
+def test_held_out_eval_loss_best_epoch_and_save_best(tiny_sd15, style_images, tmp_path):
+    ckpt, cfg_dir = tiny_sd15
+    out = tmp_path / "evald"
+    # val_ratio 0.34 of 6 images holds out 2; the 4 left (buckets of 3 and 1 views) make 3 steps per epoch
+    cfg = sd_args(ckpt, cfg_dir, style_images, out, epochs=3, val_ratio=0.34, save_best="true", save_steps=3,
+                  save_total_limit="null", sample_every_n_epochs="null", learning_rate=3e-3)
+    result = train_sd(cfg, progress=False)
+    evals = [(e["step"], e["eval_loss"]) for e in result.events if e["event"] == "eval"]
+    assert [s for s, _ in evals] == [0, 3, 6, 9] and result.eval_losses == evals
+    assert all(0 < v < 10 for _, v in evals)
+    end = next(e for e in result.events if e["event"] == "end")
+    best_step, best_loss = min(evals[1:], key=lambda e: e[1])  # the base model (step 0) is never "best"
+    assert (end["best_step"], end["best_epoch"], end["best_eval_loss"]) == (best_step, best_step // 3, best_loss)
+    best = load_file(out / "evald-best.safetensors")
+    at_best = load_file(out / f"checkpoint-{best_step:06d}" / "evald.safetensors")
+    assert best.keys() == at_best.keys() and all(best[k].equal(at_best[k]) for k in best)
+
+    # fixed noise and timesteps: a model that does not change gives the same eval loss every epoch
+    still = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "still", epochs=2, val_ratio=0.34,
+                             learning_rate=1e-12, sample_every_n_epochs="null"), progress=False)
+    values = [v for _, v in still.eval_losses]
+    assert len(values) == 3 and max(values) - min(values) <= 1e-6 * values[0], values
+
+
+def test_image_eval_data_is_checked_by_the_preflight(tiny_sd15, style_images, tmp_path):
+    from lora_scripts.preflight import run_preflight
+
+    ckpt, cfg_dir = tiny_sd15
+    report = run_preflight(sd_args(ckpt, cfg_dir, style_images, tmp_path / "a", val_ratio=0.34))
+    assert has_message(report, "val_ratio 0.34: 2 of 6 images held out for the eval loss")
+    assert has_message(report, "3 optimizer steps per epoch")  # the 4 images left train
+    report = run_preflight(sd_args(ckpt, cfg_dir, style_images, tmp_path / "b", eval_data_path=style_images))
+    assert has_message(report, f"eval_data_path {style_images}: 6 held-out images")
+    report = run_preflight(sd_args(ckpt, cfg_dir, style_images, tmp_path / "c", save_best="true"))
+    assert report.errors == ["save_best needs an eval loss to pick the best epoch: set val_ratio (e.g. 0.1) or "
+                             "eval_data_path"]

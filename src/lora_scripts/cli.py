@@ -121,6 +121,12 @@ def cmd_train(args) -> int:
         skipped = f" ({result.skipped_steps} updates skipped)" if result.skipped_steps else ""
         print(f"done: {result.steps} steps{skipped}; {where}; loss curve in "
               f"{result.output_dir / 'loss_curve.png'}; TensorBoard: tensorboard --logdir {cfg.log_dir}")
+        end = next((e for e in reversed(result.events) if e["event"] == "end"), {})
+        if "best_eval_loss" in end:
+            kept = (f"; kept as {result.output_dir / (cfg.name + '-best.safetensors' if cfg.model_type != 'llm' else 'best')}"
+                    if cfg.save_best else " (save_best: true keeps that adapter)")
+            print(f"lowest eval loss {end['best_eval_loss']:.4f} after epoch {end['best_epoch']} (step "
+                  f"{end['best_step']}){kept}")
     return 0
 
 

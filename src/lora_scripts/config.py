@@ -47,10 +47,13 @@ class TrainConfig(BaseModel):
     `<train_data_dir>/metadata.csv` when that file exists."""
 
     eval_data_path: Path | None = None
-    """Held-out samples in the same formats as `metadata_path`; eval loss is logged each epoch."""
+    """Held-out samples: for LLMs a file in the formats of `metadata_path`; for images a folder captioned
+    like `train_data_dir` (or its metadata.csv). Their loss is logged after every epoch (and for the base
+    model first): images at fixed noise and timesteps, so epochs compare."""
 
     val_ratio: float = Field(default=0.0, ge=0.0, lt=0.5)
-    """Fraction of the training samples held out for eval loss when `eval_data_path` is not given."""
+    """Fraction of the training samples (or images) held out for the eval loss when `eval_data_path` is not
+    given; at least one."""
 
     resolution: int = Field(default=512, ge=64, le=4096)
     """Training resolution in pixels (Stable Diffusion). Buckets keep this pixel area."""
@@ -215,6 +218,10 @@ class TrainConfig(BaseModel):
     """Resume even though settings or data differ from the checkpoint's (each difference is warned about)."""
 
     # ---- evaluation and samples ------------------------------------------------------------------
+    save_best: bool = False
+    """Also keep the adapter of the evaluation with the lowest eval loss: `<name>-best.safetensors` (images)
+    or the `best/` adapter folder (LLM). Needs eval data (`val_ratio` or `eval_data_path`)."""
+
     sample_prompts: list[str] = Field(default_factory=list)
     """Prompts sampled after every epoch (text for LLMs, images for SD) so you can watch the style appear."""
 

@@ -16,6 +16,7 @@ from lora_scripts.config_rules import keys_for_other_family
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
 from lora_scripts.data.buckets import batches_per_epoch, image_bucket, make_buckets
+from lora_scripts.data.split import split_eval
 from lora_scripts.hardware import (
     Precision,
     bf16_is_emulated,
@@ -163,7 +164,7 @@ def check_llm_data(cfg: TrainConfig, report: Report) -> int:
             report.info(f"{cfg.eval_data_path}: {len(held)} eval samples")
         except textdata.DataError as exc:
             report.error(str(exc))
-    n_train = len(textdata.split_eval(samples, cfg.val_ratio, cfg.seed)[0]) if cfg.eval_data_path is None else len(samples)
+    n_train = len(split_eval(samples, cfg.val_ratio, cfg.seed)[0]) if cfg.eval_data_path is None else len(samples)
     chars = sum(len(s.text or "".join(m["content"] for m in s.messages or [])) for s in samples)
     report.info(f"about {chars // 4:,} tokens in all (4 characters per token)")
     if samples:
@@ -221,9 +222,32 @@ def check_image_data(cfg: TrainConfig, report: Report) -> int:
         usable.append(it)
     if not usable:
         return 0
+    usable = check_image_eval(cfg, usable, report)
     repeats = imgdata.plan_repeats(usable, cfg.repeats)
     report.info(f"{folder}: {len(items)} images; {imgdata.describe_repeats(usable, repeats)}")
     report.n_images = len(usable)
+    return plan_image_epoch(cfg, usable, repeats, report)
+
+
+def check_image_eval(cfg: TrainConfig, usable: list, report: Report) -> list:
+    """The held-out images (eval_data_path, or val_ratio of the folder); returns the training images."""
+    if cfg.eval_data_path is not None:
+        path = Path(cfg.eval_data_path)
+        folder, meta = (path.parent, path) if path.is_file() else (path, None)
+        try:
+            held = imgdata.load_captioned_images(folder, meta)
+            report.info(f"eval_data_path {path}: {len(held)} held-out images")
+        except (imgdata.CaptionFileError, OSError) as exc:
+            report.error(f"eval_data_path {path}: {exc}")
+        return usable
+    train, held = split_eval(usable, cfg.val_ratio, cfg.seed)
+    if held:
+        report.info(f"val_ratio {cfg.val_ratio}: {len(held)} of {len(usable)} images held out for the eval loss")
+    return train
+
+
+def plan_image_epoch(cfg: TrainConfig, usable: list, repeats: list[int], report: Report) -> int:
+    """An epoch's image views, and its batches (one bucket per batch) in report.image_batches."""
     shapes = make_buckets(cfg.resolution)
     views: dict[tuple[int, int], int] = {}
     for it, r in zip(usable, repeats):
@@ -245,6 +269,8 @@ def run_preflight(cfg: TrainConfig) -> Report:
         return report
     report.info(f"model: {cfg.base_model} ({model_type})")
     check_keys_apply(cfg, model_type, report)
+    if cfg.save_best and cfg.eval_data_path is None and cfg.val_ratio <= 0:
+        report.error("save_best needs an eval loss to pick the best epoch: set val_ratio (e.g. 0.1) or eval_data_path")
     n = check_llm_data(cfg, report) if model_type == "llm" else check_image_data(cfg, report)
     report.n_samples = n
     if not n:

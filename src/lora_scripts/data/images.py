@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lora_scripts.data.split import split_eval
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 MAX_ASPECT = 4.0  # beyond 1:4 no SD bucket fits without cropping away most of the image
@@ -174,6 +176,18 @@ def load_captioned_images(folder: Path, metadata_path: Path | None = None, trigg
         raise CaptionFileError(f"{len(missing)} image(s) have no caption: {', '.join(missing[:10])}"
                                + (" ..." if len(missing) > 10 else ""))
     return items
+
+
+def load_image_sets(folder: Path, metadata_path: Path | None, trigger: str | None, eval_path: Path | None,
+                    val_ratio: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(training images, held-out images): `eval_path` is a folder (captions as for training) or its
+    metadata.csv; without it, `val_ratio` of the training folder is held out (picked by `seed`)."""
+    items = load_captioned_images(folder, metadata_path, trigger)
+    if eval_path is not None:
+        eval_path = Path(eval_path)
+        eval_folder, eval_meta = (eval_path.parent, eval_path) if eval_path.is_file() else (eval_path, None)
+        return items, load_captioned_images(eval_folder, eval_meta, trigger)
+    return split_eval(items, val_ratio, seed)
 
 
 # ---- repeats: how often each image is seen per epoch (read by the preflight too) ------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -331,12 +330,3 @@ def padding_fraction(batches: Iterator[list[Tokenized]] | list[list[Tokenized]])
         slots += max(len(t) for t in b) * len(b)
     return 0.0 if slots == 0 else 1.0 - real / slots
 
-
-def split_eval(samples: list, ratio: float, seed: int) -> tuple[list, list]:
-    if ratio <= 0:
-        return samples, []
-    n_eval = max(1, math.floor(len(samples) * ratio))
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]

@@ -110,13 +110,14 @@ def save_checkpoint(
     keep: int | None = None,
     scaler=None,
     rng_ranks: list[dict[str, torch.Tensor]] | None = None,
-    data: dict | None = None,
+    record: dict | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically.
 
     Everything goes into a hidden temporary folder first; a COMPLETE.json with each file's size and
     sha256 is written last, the files and folder are fsynced, and one rename makes the checkpoint
     visible. A kill at any moment leaves either the previous state or a complete new checkpoint.
+    `record`: what the run keeps beside its position in state.json (the data fingerprint, the best eval).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{pos.step:06d}"
@@ -125,7 +126,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     previous = list_checkpoints(output_dir)
     try:
-        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks, data)
+        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks, record)
     except (OSError, RuntimeError, SafetensorError) as exc:
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
@@ -170,14 +171,14 @@ def _out_of_space(exc: BaseException, output_dir: Path, need: int) -> str | None
 
 
 def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn, scaler,
-                      rng_ranks, data) -> None:
+                      rng_ranks, record) -> None:
     tmp.mkdir(parents=True)
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     save_rng_state(tmp, rng_ranks)
-    state = {**asdict(pos), "time": time.time(), "settings": training_settings(cfg), "data": data}
+    state = {**asdict(pos), "time": time.time(), "settings": training_settings(cfg), **(record or {})}
     if scaler is not None:  # fp16: the loss scale it had found, so a resumed run does not start over at 65536
         state["grad_scaler"] = scaler.state_dict()
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -195,6 +196,21 @@ def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg
     with open(complete, "rb+") as fh:
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
+
+
+def replace_folder(final: Path, write) -> Path:
+    """`write(folder)` into a hidden folder, then swap it in for `final`: a reader sees the old folder or
+    the new one, never half of one (the save_best adapter folder)."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
@@ -278,17 +294,18 @@ def resume_differences(ckpt: Path, cfg: TrainConfig, data: dict | None) -> list[
 
 
 def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events, scaler=None,
-                    rank: int = 0, data: dict | None = None) -> Position:
-    """Position() for a fresh run, or the restored position of `resume_from` (weights, optimizer, schedule,
-    loss scale and RNG loaded). `latest` with no checkpoint yet starts fresh, with a warning. A checkpoint
-    written with other settings or data is refused, naming each difference (`resume_force` warns instead)."""
+                    rank: int = 0, data: dict | None = None) -> tuple[Position, dict]:
+    """(Position(), {}) for a fresh run, or the restored position of `resume_from` (weights, optimizer,
+    schedule, loss scale and RNG loaded) and its state.json. `latest` with no checkpoint yet starts fresh,
+    with a warning. A checkpoint written with other settings or data is refused, naming each difference
+    (`resume_force` warns instead)."""
     if not cfg.resume_from:
-        return Position()
+        return Position(), {}
     out_dir = Path(cfg.output_dir)
     ckpt = find_resume_checkpoint(cfg.resume_from, out_dir)
     if ckpt is None:
         events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
-        return Position()
+        return Position(), {}
     changes = resume_differences(ckpt, cfg, data)
     if changes and not cfg.resume_force:
         raise ResumeError(f"resume_from: {ckpt} was written by a run with other settings or data:\n  "
@@ -298,7 +315,7 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
         events.emit("warning", message=f"resume_force: continuing although {change}")
     pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank)
     events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
-    return pos
+    return pos, json.loads((ckpt / "state.json").read_text())
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None, rank: int = 0) -> Position:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
+from lora_scripts.data.split import split_eval
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models import packed_attention
 from lora_scripts.models.llm import (
@@ -27,6 +28,7 @@ from lora_scripts.models.llm import (
     restore_frozen_linears,
     store_frozen_linears_in,
 )
+from lora_scripts.train.checkpoint import replace_folder
 from lora_scripts.train.chunked_ce import linear_cross_entropy
 from lora_scripts.train.common import (
     build_optimizer,
@@ -165,7 +167,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[textdata.Sample], list[te
     samples = textdata.load_samples(Path(source))
     if cfg.eval_data_path is not None:
         return samples, textdata.load_samples(Path(cfg.eval_data_path))
-    return textdata.split_eval(samples, cfg.val_ratio, cfg.seed)
+    return split_eval(samples, cfg.val_ratio, cfg.seed)
 
 
 def tokenize_for(model, tokenizer, train_samples: list[textdata.Sample], eval_samples: list[textdata.Sample],
@@ -225,7 +227,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         def export_adapter(folder: Path) -> None:
             core.save_pretrained(folder, safe_serialization=True)
 
-        run.track([model], core, params, optimizer, scheduler, total_steps, export_adapter)
+        run.track([model], core, params, optimizer, scheduler, total_steps, export_adapter,
+                  export_best=lambda: replace_folder(out_dir / "best", export_adapter))
         pos = run.resume([[s.text, s.messages] for s in train_samples])
 
         n_trainable = sum(p.numel() for p in params)
@@ -240,13 +243,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                      f"{steps_per_epoch} per epoch, {'packed' if packed else 'padded'} batches of {cfg.batch_size}")
         run.save_config()
 
-        eval_losses: list[tuple[int, float]] = []
-
         def run_eval() -> None:
             if eval_data:
-                loss = evaluate(model, eval_data, cfg.batch_size, packed, pad_id, accelerator)
-                eval_losses.append((pos.step, loss))
-                events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss)
+                run.record_eval(pos, evaluate(model, eval_data, cfg.batch_size, packed, pad_id, accelerator))
 
         if pos.step == 0:
             run_eval()  # the base model's eval loss: the reference the tuned model is judged against
@@ -284,7 +283,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 run.next_epoch(pos)
 
         # ---- export ----------------------------------------------------------------------------------
-        if not eval_losses or eval_losses[-1][0] != pos.step:
+        if not run.eval_losses or run.eval_losses[-1][0] != pos.step:
             run_eval()  # max_train_steps ended mid-epoch: still report where the run finished
         run.checkpoint(pos)
         if accelerator.is_main_process:
@@ -293,11 +292,12 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator, final=True)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
-                        precision=cfg.mixed_precision, adapter=str(out_dir / "adapter_model.safetensors"))
+                        precision=cfg.mixed_precision, adapter=str(out_dir / "adapter_model.safetensors"),
+                        **run.best_summary())
         accelerator.wait_for_everyone()
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        return TrainResult(out_dir, out_dir, pos.step, run.last_loss, eval_losses, events.history, plain, tokenizer,
+        return TrainResult(out_dir, out_dir, pos.step, run.last_loss, run.eval_losses, events.history, plain, tokenizer,
                            weights_folder if cast_frozen else None, run.skipped_steps)
 
 

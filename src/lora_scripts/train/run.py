@@ -213,6 +213,8 @@ class TrainingRun:
         self._overflows_in_a_row = 0
         self.last_loss: float | None = None
         self.data: dict | None = None  # the training data's fingerprint, set by resume()
+        self.eval_losses: list[tuple[int, float]] = []  # (step, eval loss) of this process's evaluations
+        self.best: dict | None = None  # {"step", "epoch", "eval_loss"} of the lowest eval loss after step 0
         self._tick = time.perf_counter()
 
     def __enter__(self) -> TrainingRun:
@@ -240,12 +242,13 @@ class TrainingRun:
     # ---- what is trained ------------------------------------------------------------------------------
 
     def track(self, models: list[torch.nn.Module], state: torch.nn.Module, params: list[torch.nn.Parameter],
-              optimizer, scheduler, total_steps: int, export=None) -> None:
+              optimizer, scheduler, total_steps: int, export=None, export_best=None) -> None:
         """`models`: the prepared (possibly DDP-wrapped) modules the loop calls; `state`: one module holding
         every trainable part under stable names, for checkpoints; `export(folder)`: the family's own files,
-        written into each checkpoint."""
+        written into each checkpoint; `export_best()`: the family's best-so-far file (save_best)."""
         self.models, self.state, self.params = models, state, params
         self.optimizer, self.scheduler, self.total_steps, self.export = optimizer, scheduler, total_steps, export
+        self.export_best = export_best
 
     def resume(self, data_rows: list) -> Position:
         """Position() for a fresh run, or the restored one of `resume_from`; `data_rows` (JSON-able, one per
@@ -254,8 +257,9 @@ class TrainingRun:
         keeps the single-process stream); a resumed run has each rank's generator back from the checkpoint."""
         acc = self.accelerator
         self.data = data_fingerprint(data_rows)
-        pos = resume_position(self.cfg, self.state, self.optimizer, self.scheduler, self.events, acc.scaler,
-                              acc.process_index, self.data)
+        pos, state = resume_position(self.cfg, self.state, self.optimizer, self.scheduler, self.events, acc.scaler,
+                                     acc.process_index, self.data)
+        self.best = state.get("best")  # the lowest eval so far survives a resume, so save_best stays right
         if pos.step == 0 and acc.process_index > 0:
             torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
         return pos
@@ -286,6 +290,24 @@ class TrainingRun:
         base model's eval is not training time)."""
         self.stop.install()
         self._tick = time.perf_counter()
+
+    def record_eval(self, pos: Position, loss: float) -> None:
+        """An eval loss: logged (events, TensorBoard, loss_curve.png) and, when it is the lowest after some
+        training, remembered as the best; with save_best, the family's best file is written now."""
+        self.eval_losses.append((pos.step, loss))
+        self.events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss)
+        if pos.step == 0 or (self.best is not None and loss >= self.best["eval_loss"]):
+            return  # step 0 is the base model: the reference, never the best adapter
+        self.best = {"step": pos.step, "epoch": pos.epoch + 1, "eval_loss": loss}
+        if self.cfg.save_best and self.export_best is not None and self.accelerator.is_main_process:
+            self.export_best()
+            self.events.emit("info", message=f"save_best: lowest eval loss so far ({loss:.4f}, step {pos.step}) saved")
+
+    def best_summary(self) -> dict:
+        """For the end event and the results: where the eval loss was lowest."""
+        if self.best is None:
+            return {}
+        return {"best_step": self.best["step"], "best_epoch": self.best["epoch"], "best_eval_loss": self.best["eval_loss"]}
 
     def samples_due(self, pos: Position) -> bool:
         """At the end of an epoch: whether `sample_every_n_epochs` asks for samples now. The last epoch's are
@@ -374,7 +396,7 @@ class TrainingRun:
         if acc.is_main_process:
             path = save_checkpoint(self.out_dir, pos, self.state, self.optimizer, self.scheduler, self.cfg,
                                    self.export, keep=self.cfg.save_total_limit, scaler=acc.scaler,
-                                   rng_ranks=rng_ranks, data=self.data)
+                                   rng_ranks=rng_ranks, record={"data": self.data, "best": self.best})
             self.events.emit("checkpoint", step=pos.step, path=str(path))
         acc.wait_for_everyone()
         return path

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
 from lora_scripts.data.buckets import batches_per_epoch
-from lora_scripts.data.images import describe_repeats, load_captioned_images, plan_repeats
+from lora_scripts.data.images import describe_repeats, load_image_sets, plan_repeats
 from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.embedded import cache_root
@@ -59,6 +59,7 @@ class SDTrainResult:
     trained_model: SDModel | None = None  # as trained: after mixed precision its frozen UNet layers are bf16/fp16
     reload_unet: Callable[[], torch.nn.Module] | None = None  # the base UNet again, for the exact fp32 weights
     skipped_steps: int = 0  # updates not applied (fp16 overflows absorbed by loss scaling, NaN-guard skips)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), step 0 = base
 
     @property
     def model(self) -> SDModel | None:
@@ -115,8 +116,9 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.
 
 
 def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan) -> Callable:
-    """`export(folder)`: the kohya/A1111 file (with its ss_* metadata) and the diffusers file of the model
-    as it stands, in save_precision; used for every checkpoint and the final output."""
+    """(`export(folder)`, `export_best()`): the kohya/A1111 file (with its ss_* metadata) and the diffusers
+    file of the model as it stands, in save_precision, for every checkpoint and the final output; and the
+    kohya file alone as `<name>-best.safetensors` (save_best)."""
     from lora_scripts.export.diffusers_lora import diffusers_components_of_model, write_diffusers_file
 
     dtype = DTYPES[cfg.save_precision]
@@ -124,14 +126,16 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
         cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
         len(items), plan.total_steps, plan.epochs, train_te, cfg.lora_rank)
 
-    def export(folder: Path) -> tuple[Path, Path]:
-        text_encoders = model.text_encoders if train_te else []
-        lora = kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata)
-        layers = diffusers_components_of_model(model.unet, text_encoders, dtype)
-        return write_kohya_file(lora, folder / f"{cfg.name}.safetensors", dtype), write_diffusers_file(
-            layers, folder, model_type)
+    text_encoders = model.text_encoders if train_te else []
 
-    return export
+    def kohya_file(path: Path) -> Path:
+        return write_kohya_file(kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata), path, dtype)
+
+    def export(folder: Path) -> tuple[Path, Path]:
+        layers = diffusers_components_of_model(model.unet, text_encoders, dtype)
+        return kohya_file(folder / f"{cfg.name}.safetensors"), write_diffusers_file(layers, folder, model_type)
+
+    return export, lambda: kohya_file(Path(cfg.output_dir) / f"{cfg.name}-best.safetensors")
 
 
 def filled_latent_cache(cfg: TrainConfig, vae, samples: list[sd_data.Sample], events) -> sd_data.LatentCache:
@@ -166,6 +170,9 @@ class PromptEncoder:
         hidden = torch.stack([self.cache[c][0] for c in captions])
         pooled = None if self.model.model_type != "sdxl" else torch.stack([self.cache[c][1] for c in captions])
         return hidden, pooled
+
+
+EVAL_TIMESTEPS = 4  # per held-out image, spread evenly over the schedule (125, 375, 625, 875 of 1000)
 
 
 @dataclass
@@ -211,6 +218,36 @@ class DiffusionLoss:
             loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
         return loss.mean()
 
+    @torch.no_grad()
+    def held_out(self, samples: list[sd_data.Sample]) -> float:
+        """The eval loss: each held-out image at EVAL_TIMESTEPS fixed timesteps with noise drawn from `seed`
+        alone, its caption as written (no flip, dropout, shuffle or noise offset), unweighted MSE. The same
+        noise every time, so the curve compares epochs, not noise draws. Run on every process (DDP's forward
+        may broadcast buffers)."""
+        model, noise_sched, device = self.model, self.noise_sched, self.accelerator.device
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2_718_281)
+        span = noise_sched.config.num_train_timesteps
+        t = torch.tensor([int((k + 0.5) * span / EVAL_TIMESTEPS) for k in range(EVAL_TIMESTEPS)], device=device)
+        was_training = self.unet.training
+        self.unet.eval()
+        total = 0.0
+        for s in samples:
+            one = self.cache.get(s, False) if self.cache is not None else sd_data.encode_image(model.vae, s, False)
+            latents = one.unsqueeze(0).expand(EVAL_TIMESTEPS, *one.shape).to(device)
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            noisy = noise_sched.add_noise(latents, noise, t)
+            target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+            with self.accelerator.autocast():
+                hidden, pooled = self.conditioning([s.item.caption or ""] * EVAL_TIMESTEPS)
+                extra = {}
+                if model.model_type == "sdxl":
+                    time_ids = sdxl_time_ids([s] * EVAL_TIMESTEPS).to(device)
+                    extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+                pred = self.unet(noisy, t, hidden, **extra).sample
+            total += float(F.mse_loss(pred.float(), target.float()))
+        self.unet.train(was_training)
+        return total / max(len(samples), 1)
+
 
 def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainResult:
     from diffusers import DDPMScheduler
@@ -221,8 +258,10 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         model_type = cfg.model_type or detect_model_type(cfg.base_model)
 
         # ---- data -----------------------------------------------------------------------------------
-        items = load_captioned_images(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word)
+        items, eval_items = load_image_sets(Path(cfg.train_data_dir), cfg.metadata_path, cfg.trigger_word,
+                                            cfg.eval_data_path, cfg.val_ratio, cfg.seed)
         samples, table = sd_data.build_samples(items, cfg.resolution)
+        eval_samples = sd_data.build_samples(eval_items, cfg.resolution)[0]
         repeats = plan_repeats(items, cfg.repeats)
         events.emit("info", message="buckets (width x height: images): "
                     + ", ".join(f"{w}x{h}: {n}" for (w, h), n in table.items()))
@@ -256,8 +295,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        export = exporter(cfg, model, model_type, train_te, items, plan)
-        run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export)
+        export, export_best = exporter(cfg, model, model_type, train_te, items, plan)
+        run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export, export_best)
         pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
 
         # ---- caches ----------------------------------------------------------------------------------------
@@ -273,6 +312,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         run.save_config()
 
         loss_of = DiffusionLoss(cfg, model, unet_train, noise_sched, cache, conditioning, accelerator)
+        if pos.step == 0 and eval_samples:
+            run.record_eval(pos, loss_of.held_out(eval_samples))  # the base model's: the reference
 
         # ---- the loop --------------------------------------------------------------------------------------
         events.start_progress(total_steps, pos.step, desc=f"training {cfg.name}")
@@ -296,11 +337,15 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 if pos.step >= total_steps:
                     break
             if pos.group >= len(step_groups):
+                if eval_samples:
+                    run.record_eval(pos, loss_of.held_out(eval_samples))
                 if run.samples_due(pos):
                     write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
                 run.next_epoch(pos)
 
         # ---- export ------------------------------------------------------------------------------------------
+        if eval_samples and run.eval_losses[-1][0] != pos.step:
+            run.record_eval(pos, loss_of.held_out(eval_samples))  # max_train_steps ended mid-epoch
         run.checkpoint(pos)
         lora_file, diffusers_file = out_dir / f"{cfg.name}.safetensors", out_dir / "pytorch_lora_weights.safetensors"
         for part in wrapped:  # accelerate's autocast wrapper off: the caller gets the plain modules
@@ -310,14 +355,14 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
-                        precision=cfg.mixed_precision, lora=str(lora_file))
+                        precision=cfg.mixed_precision, lora=str(lora_file), **run.best_summary())
         accelerator.wait_for_everyone()
 
         def reload_unet():  # the exact fp32 UNet, for SDTrainResult.model
             return load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization).unet
 
         return SDTrainResult(out_dir, lora_file, diffusers_file, pos.step, run.last_loss, events.history, model,
-                             reload_unet if frozen_dtype is not None else None, run.skipped_steps)
+                             reload_unet if frozen_dtype is not None else None, run.skipped_steps, run.eval_losses)
 
 
 @torch.no_grad()
