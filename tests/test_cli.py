@@ -109,3 +109,20 @@ def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs
     assert "Traceback" not in proc.stderr
     assert f"checkpoint saved: {out / 'checkpoint-000002'}" in proc.stderr
     assert f"lora-scripts demo --config {cfg} mixed_precision=no resume_from=latest" in proc.stderr
+
+
+def test_chat_keeps_the_conversation_and_starts_over_on_new(tiny_llama):
+    from lora_scripts.llm_generate import chat, generate_replies, load_with_adapters
+
+    model, tokenizer = load_with_adapters(str(tiny_llama), [])
+    lines = iter(["Hi, I am Ada.", "What is my name?", "/new", "What is my name?", ""])
+    said: list[str] = []
+    chat(model, tokenizer, max_new_tokens=6, ask=lambda _: next(lines), say=said.append)
+    first = generate_replies(model, tokenizer, ["Hi, I am Ada."], 6)[0].text
+    conversation = [{"role": "user", "content": "Hi, I am Ada."}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "What is my name?"}]
+    with_history = generate_replies(model, tokenizer, [conversation], 6)[0].text
+    alone = generate_replies(model, tokenizer, ["What is my name?"], 6)[0].text
+    assert with_history != alone  # so the test tells a chat with history from one without
+    assert said[1].startswith(">>> What is my name?\n" + with_history)  # the second answer saw the first exchange
+    assert said[2] == "(a new conversation)" and said[3].startswith(">>> What is my name?\n" + alone)

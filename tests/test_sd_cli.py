@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lora_scripts.cli import main
 from lora_scripts.sd_generate import parse_lora_tags
@@ -70,7 +71,7 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
                                      tmp_path / "tiny-sdxl-config")
     cfg = load_config(None, [f"base_model={ckpt}", f"model_config_dir={cfg_dir}", f"train_data_dir={style_images}",
                              f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
-                             "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-4", "save_precision=fp32",
+                             "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-2", "learning_rate=1e-2", "save_precision=fp32",
                              "sample_every_n_epochs=null", "mixed_precision=bf16"])
     result = train_sd(cfg, progress=False)
     # trained with its frozen UNet layers in bf16; the fp32 ones read back from the single file on request
@@ -100,6 +101,60 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
         pipe = load_sd(str(ckpt), "sdxl", cfg_dir).pipe
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         assert float((unet_out(pipe) - expected).abs().max()) <= 1e-5, file.name
+
+    # The WebUI's way: the kohya file applied to the original-layout checkpoint (both text encoders and the
+    # UNet), then loaded as the WebUI's merged model would be
+    state = load_file(ckpt)
+    assert a1111_apply_sgm(state, load_file(result.lora_file)) == len({k.split(".")[0] for k in keys})
+    save_file(state, tmp_path / "a1111-merged.safetensors")
+    merged = load_sd(str(tmp_path / "a1111-merged.safetensors"), "sdxl", cfg_dir).pipe
+    base = load_sd(str(ckpt), "sdxl", cfg_dir).pipe
+    assert float((unet_out(merged) - expected).abs().max()) <= 1e-4 < 1e-3 < float((unet_out(base) - expected).abs().max())
+    trained = result.model.pipe
+    for tok, te_trained, te_merged, te_base in [
+            (merged.tokenizer, trained.text_encoder, merged.text_encoder, base.text_encoder),
+            (merged.tokenizer_2, trained.text_encoder_2, merged.text_encoder_2, base.text_encoder_2)]:
+        ids = tok(["a neon city"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            a = te_trained(ids.to(te_trained.device)).last_hidden_state.cpu()
+            b = te_merged(ids).last_hidden_state
+            untouched = te_base(ids).last_hidden_state
+        assert float((a - b).abs().max()) <= 1e-5 < 1e-3 < float((a - untouched).abs().max())
+
+
+def a1111_apply_sgm(state, lora, multiplier=1.0) -> int:
+    """The WebUI's formula on an SDXL original-layout state dict, written independently of the exporter: a
+    kohya key is the module path of the single file with '.' -> '_' (UNet under model.diffusion_model, TE1
+    under conditioner.embedders.0.transformer); TE2 is OpenCLIP there, so q/k/v are the thirds of each
+    attn.in_proj_weight, out_proj is attn.out_proj, fc1/fc2 are mlp.c_fc/mlp.c_proj."""
+    import re
+
+    targets = {}
+    for key in state:
+        for root, prefix in (("model.diffusion_model.", "lora_unet_"), ("conditioner.embedders.0.transformer.", "lora_te1_")):
+            if key.startswith(root) and key.endswith(".weight"):
+                targets[prefix + key[len(root):-len(".weight")].replace(".", "_")] = (key, None)
+        m = re.fullmatch(r"(conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.)attn\.in_proj_weight", key)
+        if m:
+            block, name = m.group(1), f"lora_te2_text_model_encoder_layers_{m.group(2)}_"
+            for part, q in enumerate("qkv"):
+                targets[f"{name}self_attn_{q}_proj"] = (key, part)
+            targets[f"{name}self_attn_out_proj"] = (f"{block}attn.out_proj.weight", None)
+            targets[f"{name}mlp_fc1"] = (f"{block}mlp.c_fc.weight", None)
+            targets[f"{name}mlp_fc2"] = (f"{block}mlp.c_proj.weight", None)
+    applied = 0
+    for down_key in [k for k in lora if k.endswith(".lora_down.weight")]:
+        name = down_key[: -len(".lora_down.weight")]
+        down, up, alpha = lora[down_key], lora[f"{name}.lora_up.weight"], float(lora[f"{name}.alpha"])
+        delta = (up.flatten(1) @ down.flatten(1)) * alpha / down.shape[0] * multiplier
+        key, part = targets[name]
+        if part is None:
+            state[key] += delta.reshape(state[key].shape).to(state[key].dtype)
+        else:
+            rows = state[key].shape[0] // 3
+            state[key][part * rows:(part + 1) * rows] += delta.to(state[key].dtype)
+        applied += 1
+    return applied
 
 
 @pytest.mark.parametrize("bad", ["pickle"])

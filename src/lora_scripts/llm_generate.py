@@ -22,13 +22,14 @@ class Reply:
 def generate_replies(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[dict[str, str]]],
     max_new_tokens: int = 160,
     batch_size: int = 16,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[Reply]:
-    """Answer each prompt through the tokenizer's chat template; batched with left padding."""
+    """Answer each prompt (a question, or a conversation as chat messages) through the tokenizer's chat
+    template; batched with left padding."""
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
@@ -69,7 +70,10 @@ def format_reply(r: Reply) -> str:
 
 
 def chat(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, ask=input, say=print) -> None:
-    """Answer line after line until an empty line or end of input (each line on its own, no history)."""
+    """A conversation: each answer sees the turns before it (the oldest exchanges are dropped when the
+    model's context would overflow); `/new` starts over; an empty line or end of input ends it."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+    history: list[dict[str, str]] = []
     while True:
         try:
             line = ask("you> ").strip()
@@ -77,8 +81,16 @@ def chat(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: 
             return
         if not line:
             return
-        for r in generate_replies(model, tokenizer, [line], max_new_tokens, temperature=temperature, seed=seed):
-            say(format_reply(r))
+        if line == "/new":
+            history = []
+            say("(a new conversation)")
+            continue
+        history.append({"role": "user", "content": line})
+        while len(history) > 1 and len(prompt_ids(tokenizer, history)) + max_new_tokens > limit:
+            history = history[2:]  # the oldest question and its answer
+        r = generate_replies(model, tokenizer, [history], max_new_tokens, temperature=temperature, seed=seed)[0]
+        say(format_reply(Reply(line, r.text, r.stopped, r.new_tokens)))
+        history.append({"role": "assistant", "content": r.text})
 
 
 def load_with_adapters(base_model: str, loras: list[tuple[Path, float]]):

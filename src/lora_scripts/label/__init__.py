@@ -4,7 +4,7 @@ metadata.csv, interrogator style.
 For each image, CLIP scores the shipped phrase lists (resources/phrases/*.txt: subjects, mediums, art
 styles, lighting, colours, composition, mood, quality) plus the user's own phrases. The best phrase of
 each list is a candidate; candidates whose cosine similarity reaches the threshold are written most
-relevant first, up to --max-phrases. An optional image-to-text captioner (BLIP, GIT, Florence-2, ...)
+relevant first, up to --max-phrases. An optional image-to-text captioner (BLIP, GIT, ...; captioning without a task prompt)
 writes a sentence that leads the prompt, as CLIP-Interrogator does.
 
 People's captions are never lost: existing rows are kept and only unlabelled images are labelled, unless

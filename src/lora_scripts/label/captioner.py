@@ -8,7 +8,7 @@ import torch
 
 
 class Captioner:
-    """An image-to-text model (BLIP, GIT, Florence-2, ...) that writes one sentence per image."""
+    """An image-to-text model (BLIP, GIT, ...; captioning without a task prompt) that writes one sentence per image."""
 
     def __init__(self, folder: Path, device: torch.device, max_new_tokens: int = 30):
         from transformers import AutoModelForImageTextToText, AutoProcessor
