@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_scripts.config import ConfigError, TrainConfig, describe_keys, load_config
+from lora_scripts.config import ConfigError, TrainConfig, load_config
+from lora_scripts.config_rules import describe_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,7 @@ def test_every_key_is_documented():
         assert field.description and len(field.description) > 20, f"{name} has no documentation"
     text = describe_keys()
     assert "lora_rank  (default 8)" in text and "base_model  (required)" in text
+    assert "noise_offset  (default 0.0; image runs)" in text and "max_seq_length  (default 512; LLM runs)" in text
 
 
 def test_resolved_config_round_trips(tmp_path):

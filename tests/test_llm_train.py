@@ -302,3 +302,27 @@ def test_save_best_keeps_the_adapter_of_the_lowest_eval_loss(tiny_llama, pairs_c
     at_best = load_file(out / f"checkpoint-{best_step:06d}" / "adapter_model.safetensors")
     assert best.keys() == at_best.keys() and all(best[k].equal(at_best[k]) for k in best)
     assert (out / "best" / "adapter_config.json").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_retention_rises_as_a_run_over_trains_and_warns_once(tiny_llama, pairs_csv, tmp_path, monkeypatch):
+    from lora_scripts.train import drift
+
+    monkeypatch.setenv("LORA_SCRIPTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(drift, "cache_root", lambda: tmp_path / "cache")
+    # the tiny random model's figures: 8.3 for the base's own answers, 10.9 after 8 over-trained epochs (1.3x);
+    # a real model starts far lower (README), so the warning factor is lowered here to see it fire once
+    monkeypatch.setattr(drift, "DRIFT_FACTOR", 1.15)
+    result = llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "run", epochs=8,
+                                                             learning_rate=2e-2)), progress=False)
+    evals = [e for e in result.events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [6 * i for i in range(9)] and "eval_loss" not in evals[0]  # no eval data
+    values = [e["retention"] for e in evals]
+    assert values[0] == evals[0]["retention_base"] and values[-1] > 1.2 * values[0], values
+    assert values[-1] > values[1]  # still rising after the first epoch
+    warnings = [e["message"] for e in result.events if e["event"] == "warning" and "retention" in e["message"]]
+    assert len(warnings) == 1 and "drifting toward the training data" in warnings[0] and "fewer epochs" in warnings[0]
+    cached = list((tmp_path / "cache" / "drift").glob("*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == len(drift.drift_prompts())
+    again = llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "again", epochs=1)),
+                                progress=False)
+    assert next(e for e in again.events if e["event"] == "eval")["retention"] == values[0]  # same answers, read back

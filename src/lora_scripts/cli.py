@@ -17,6 +17,7 @@ from lora_scripts.tools.verbs import (
     add_extract,
     add_inspect,
     add_merge,
+    add_prediction_flag,
     add_resize,
     cmd_combine,
     cmd_convert,
@@ -168,7 +169,8 @@ def add_validate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from lora_scripts.config import ConfigError, describe_keys
+    from lora_scripts.config import ConfigError
+    from lora_scripts.config_rules import describe_keys
     from lora_scripts.preflight import run_preflight
 
     if args.keys:
@@ -212,6 +214,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     sd.add_argument("--lora-dir", default=".", help="where <lora:name:w> tags in a prompt are looked up")
     sd.add_argument("--out", default="generated", help="folder for the PNG files")
     sd.add_argument("--model-config-dir", default=None, help="diffusers config folder for a non-standard checkpoint")
+    add_prediction_flag(sd)
 
 
 def cmd_generate(args) -> int:
@@ -229,7 +232,7 @@ def cmd_generate(args) -> int:
         written = generate_images(
             args.base, model_type, prompts, _lora_specs(args.lora), Path(args.out),
             Path(args.lora_dir), Path(args.model_config_dir) if args.model_config_dir else None, args.negative,
-            args.steps, args.guidance, args.seed, args.width, args.height)
+            args.steps, args.guidance, args.seed, args.width, args.height, args.v_parameterization)
         for path, prompt, loras in written:
             print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
         return 0

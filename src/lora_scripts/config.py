@@ -88,7 +88,9 @@ class TrainConfig(BaseModel):
     """Min-SNR-gamma loss weighting (5 is the paper's value): faster, steadier convergence."""
 
     v_parameterization: bool | None = None
-    """Force v-prediction (SD 2.x 768) on or off; default: from the model."""
+    """v-prediction on (SD 2.x 768-v models) or off (SD 2.x 512-base, SD1.x, SDXL). Default: what the checkpoint
+    declares (a diffusers scheduler config, `modelspec.prediction_type`, a `v_pred` key), else off; an SD 2.x
+    single file that declares nothing must set it (the preflight says so)."""
 
     train_unet_conv: bool = False
     """LoCon: also put LoRA on the UNet's 3x3 convolutions (more capacity for textures, bigger file)."""
@@ -228,6 +230,11 @@ class TrainConfig(BaseModel):
     max_new_tokens: int = Field(default=160, ge=1)
     """LLM samples: the most tokens generated per prompt."""
 
+    drift_check: bool = True
+    """LLM runs: the base model answers a few shipped general questions first (cached per base model), and
+    after every epoch the tuned model's loss on those answers is logged as `retention` (rising = the answers
+    drift toward the training data's topic); a warning names the knobs when it passes 3x the base's."""
+
     # ---------------------------------------------------------------------------------------------
     @model_validator(mode="before")
     @classmethod
@@ -345,17 +352,6 @@ def _boolean_words() -> dict[str, dict[bool, str | None]]:
 
 
 _BOOLEAN_WORDS = _boolean_words()
-
-
-def describe_keys() -> str:
-    """Every config key with its type and documentation, for `lora-scripts validate --keys`."""
-    lines = []
-    for key, field in TrainConfig.model_fields.items():
-        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        lines.append(f"{key}  ({default})")
-        for doc_line in (field.description or "").split("\n"):
-            lines.append(f"    {doc_line.strip()}")
-    return "\n".join(lines)
 
 
 def suggest_key(key: str) -> str | None:

@@ -19,7 +19,7 @@ IMAGE_ONLY_KEYS = (
     "noise_offset", "min_snr_gamma", "v_parameterization", "train_unet_conv", "cache_latents", "model_config_dir",
     "sample_steps", "sample_guidance", "sample_negative_prompt", "save_precision", "text_encoder_lr",
 )
-LLM_ONLY_KEYS = ("max_seq_length", "max_new_tokens")
+LLM_ONLY_KEYS = ("max_seq_length", "max_new_tokens", "drift_check")
 
 
 # Keys a resumed run may change: how long it runs, how fast, what it saves, logs and samples. Every other
@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = (
     "epochs", "max_train_steps", "mixed_precision", "gradient_checkpointing", "cache_latents", "skip_nan_steps",
     "output_dir", "output_name", "logging_dir", "save_steps", "save_total_limit", "save_precision", "resume_from",
     "resume_force", "sample_every_n_epochs", "sample_steps", "sample_guidance", "sample_negative_prompt",
-    "sample_prompts", "max_new_tokens",
+    "sample_prompts", "max_new_tokens", "drift_check",
 )
 
 
@@ -54,3 +54,16 @@ def keys_for_other_family(cfg: TrainConfig, model_type: str) -> list[str]:
             else:
                 problems.append(f"{key}: {value!r} applies to LLM runs; this is an image run ({model_type}). Remove it")
     return problems
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default, the family that reads it and its documentation, for
+    `lora-scripts validate --keys`."""
+    lines = []
+    for key, field in TrainConfig.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        family = "; image runs" if key in IMAGE_ONLY_KEYS else "; LLM runs" if key in LLM_ONLY_KEYS else ""
+        lines.append(f"{key}  ({default}{family})")
+        for doc_line in (field.description or "").split("\n"):
+            lines.append(f"    {doc_line.strip()}")
+    return "\n".join(lines)

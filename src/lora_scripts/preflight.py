@@ -24,7 +24,12 @@ from lora_scripts.hardware import (
     matmul_flops,
     precision_warning,
 )
-from lora_scripts.models.detect import ModelTypeError, detect_model_type
+from lora_scripts.models.detect import (
+    SD2_PREDICTION_UNKNOWN,
+    ModelTypeError,
+    declared_prediction_type,
+    detect_model_type,
+)
 from lora_scripts.models.embedded import EMBEDDED_MODELS, is_prepared, model_dir
 from lora_scripts.train.plan import plan_steps
 
@@ -269,6 +274,8 @@ def run_preflight(cfg: TrainConfig) -> Report:
         return report
     report.info(f"model: {cfg.base_model} ({model_type})")
     check_keys_apply(cfg, model_type, report)
+    if model_type == "sd2" and cfg.v_parameterization is None and declared_prediction_type(cfg.base_model) is None:
+        report.error(SD2_PREDICTION_UNKNOWN.format(base=cfg.base_model))
     if cfg.save_best and cfg.eval_data_path is None and cfg.val_ratio <= 0:
         report.error("save_best needs an eval loss to pick the best epoch: set val_ratio (e.g. 0.1) or eval_data_path")
     n = check_llm_data(cfg, report) if model_type == "llm" else check_image_data(cfg, report)

@@ -89,13 +89,14 @@ def image_grid(images: list[Image.Image], captions: list[str] | None = None) -> 
 def generate_images(base: str, model_type: str, prompts: list[str], loras: list[tuple[Path, float]], out: Path,
                     lora_dir: Path = Path("."), model_config_dir: Path | None = None, negative: str = "",
                     steps: int = 25, guidance: float = 7.0, seed: int = 0, width: int | None = None,
-                    height: int | None = None) -> list[tuple[Path, str, list[tuple[Path, float]]]]:
+                    height: int | None = None, v_parameterization: bool | None = None,
+                    ) -> list[tuple[Path, str, list[tuple[Path, float]]]]:
     """One PNG per prompt in `out`, each with `loras` plus the prompt's own `<lora:name:w>` tags (looked up
     in `lora_dir`); prompt i uses seed + i. Returns (file, prompt without tags, LoRAs applied) per image.
     Raises FileNotFoundError for a tag that names no file in `lora_dir`."""
     from lora_scripts.models.sd import load_sd
 
-    model = load_sd(base, model_type, model_config_dir)
+    model = load_sd(base, model_type, model_config_dir, v_parameterization)
     native = model.pipe.unet.config.sample_size * 8
     size = (width or native, height or native)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,13 @@ SDXL_MARKER = "conditioner.embedders.1."
 SD2_MARKER = "cond_stage_model.model."  # OpenCLIP text encoder of SD 2.x
 
 
+SD2_PREDICTION_UNKNOWN = (
+    "{base}: an SD 2.x checkpoint that does not say what it predicts: the 768-v models (v2-1_768, "
+    "v2-0_768) predict v, the 512-base ones noise. Set v_parameterization: true for a 768-v model or false "
+    "for a 512-base one (generate and merge: --v-parameterization or --no-v-parameterization)"
+)
+
+
 class ModelTypeError(ValueError):
     pass
 
@@ -50,8 +57,10 @@ def detect_model_type(base_model: str) -> str:
             cls = str(index.get("_class_name", ""))
             if "XL" in cls:
                 return "sdxl"
-            sched = path / "scheduler" / "scheduler_config.json"
-            if sched.exists() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction":
+            # SD 2.x's UNet projects with Linear layers in its transformer blocks, SD1.x's with 1x1 convs (the
+            # prediction type says nothing: SD 2.x 512-base predicts noise like SD1.x)
+            unet = path / "unet" / "config.json"
+            if unet.exists() and json.loads(unet.read_text()).get("use_linear_projection"):
                 return "sd2"
             return "sd15"
         if (path / "config.json").exists():
@@ -73,3 +82,23 @@ def detect_model_type(base_model: str) -> str:
         state = state.get("state_dict", state) if isinstance(state, dict) else {}
         return sniff_from_keys(list(state), str(path))
     raise ModelTypeError(f"{path}: unknown model file type '{suffix}'; expected .safetensors, .ckpt, .gguf or a folder")
+
+
+def declared_prediction_type(base_model: str) -> str | None:
+    """"v_prediction" or "epsilon" where the checkpoint itself says (a diffusers folder's scheduler config;
+    a single file's `modelspec.prediction_type` metadata, or the `v_pred` marker key ComfyUI writes), else
+    None. Read from headers only."""
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        sched = path / "scheduler" / "scheduler_config.json"
+        return json.loads(sched.read_text()).get("prediction_type") if sched.exists() else None
+    if path.suffix.lower() != ".safetensors" or not path.exists():
+        return None
+    try:
+        header = check_safetensors(path)
+    except UnsafeFileError:
+        return None
+    declared = str((header.get("__metadata__") or {}).get("modelspec.prediction_type", "")).lower()
+    if "v_pred" in header or declared in ("v", "v_prediction"):
+        return "v_prediction"
+    return "epsilon" if declared in ("epsilon", "eps") else None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.models.detect import SD2_PREDICTION_UNKNOWN, declared_prediction_type
 from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
 from lora_scripts.safety import UnsafeFileError, check_safetensors
@@ -135,12 +136,24 @@ def load_sd(base_model: str, model_type: str, config_dir: Path | None = None,
         raise
     except Exception as exc:
         raise SDLoadError(f"{base_model}: could not load it as {model_type}: {exc}") from None
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if v_parameterization is not None:
-        prediction = "v_prediction" if v_parameterization else "epsilon"
-    elif model_type == "sd2" and path.is_file():
-        prediction = "v_prediction"  # SD 2.x 768 checkpoints; set v_parameterization: false for the 512 base
+    prediction = prediction_type_of(base_model, model_type, v_parameterization)
+    # the sampler predicts what the model was trained to predict
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
     return SDModel(pipe=pipe, model_type=model_type, prediction_type=prediction)
+
+
+def prediction_type_of(base_model: str, model_type: str, v_parameterization: bool | None) -> str:
+    """What the UNet predicts: `v_parameterization` when set, else what the checkpoint declares, else
+    noise (epsilon) for SD1.x/SDXL. An SD 2.x single file that declares nothing is refused: the 768-v
+    models predict v and the 512-base ones noise, from identical keys, and a wrong guess trains garbage."""
+    if v_parameterization is not None:
+        return "v_prediction" if v_parameterization else "epsilon"
+    declared = declared_prediction_type(base_model)
+    if declared is not None:
+        return declared
+    if model_type == "sd2":
+        raise SDLoadError(SD2_PREDICTION_UNKNOWN.format(base=base_model))
+    return "epsilon"
 
 
 def build_tiny_sd(model_type: str = "sd15", seed: int = 0, width: int = 32, cross_dim: int = 32):

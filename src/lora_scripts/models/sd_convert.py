@@ -111,10 +111,10 @@ def clip_l_to_original(state: dict[str, torch.Tensor], prefix: str = "cond_stage
 
 
 def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModelWithProjection → OpenCLIP layout (SDXL's second text encoder).
+    """A transformers CLIP text model → OpenCLIP layout (SDXL's second text encoder, SD 2.x's encoder).
 
     OpenCLIP fuses q/k/v into one `in_proj` and multiplies by `text_projection` (so it is the transpose
-    of the transformers Linear weight).
+    of the transformers Linear weight); a model without a projection (SD 2.x's CLIPTextModel) writes none.
     """
     state = {k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
     out = {
@@ -122,8 +122,9 @@ def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[s
         f"{prefix}positional_embedding": state["embeddings.position_embedding.weight"],
         f"{prefix}ln_final.weight": state["final_layer_norm.weight"],
         f"{prefix}ln_final.bias": state["final_layer_norm.bias"],
-        f"{prefix}text_projection": state["text_projection.weight"].T,
     }
+    if "text_projection.weight" in state:
+        out[f"{prefix}text_projection"] = state["text_projection.weight"].T
     n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
     parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -136,14 +137,22 @@ def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str) -> dict[s
     return out
 
 
+def is_sd2_pipeline(pipe) -> bool:
+    """SD 2.x: one text encoder and linear projections in the UNet's transformer blocks (SD1.x: 1x1 convs)."""
+    return getattr(pipe, "text_encoder_2", None) is None and bool(pipe.unet.config.get("use_linear_projection"))
+
+
 def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
-    """An SD1.x or SDXL pipeline as one original-layout state dict (what `v1-5-pruned.safetensors` or
-    `sd_xl_base_1.0.safetensors` holds)."""
+    """An SD1.x, SD2.x or SDXL pipeline as one original-layout state dict (what `v1-5-pruned.safetensors`,
+    `v2-1_768-ema-pruned.safetensors` or `sd_xl_base_1.0.safetensors` holds): each family's text encoder in
+    its own layout (CLIP-L for SD1.x, OpenCLIP under `cond_stage_model.model.` for SD2.x, both for SDXL)."""
     state = unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
     state.update(vae_to_original(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     te = {k: v for k, v in pipe.text_encoder.state_dict().items() if "position_ids" not in k}
     te2 = getattr(pipe, "text_encoder_2", None)
-    if te2 is None:
+    if is_sd2_pipeline(pipe):
+        state.update(open_clip_to_original(te, "cond_stage_model.model."))
+    elif te2 is None:
         state.update(clip_l_to_original(te))
     else:
         state.update(clip_l_to_original(te, "conditioner.embedders.0.transformer."))

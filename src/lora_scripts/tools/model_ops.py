@@ -20,10 +20,10 @@ from lora_scripts.models.detect import detect_model_type
 from lora_scripts.tools.ops import ModuleReport, extract_deltas
 
 
-def _sd_pipeline(base: str, family: str, config_dir: Path | None):
+def _sd_model(base: str, family: str, config_dir: Path | None, v_parameterization: bool | None = None):
     from lora_scripts.models.sd import load_sd
 
-    return load_sd(base, family, config_dir).pipe
+    return load_sd(base, family, config_dir, v_parameterization)
 
 
 def export_merged(base_model: str, loras: list[tuple[Path, float]], out: Path) -> Path:
@@ -39,9 +39,10 @@ def export_merged(base_model: str, loras: list[tuple[Path, float]], out: Path) -
 
 
 def merge(base: str, loras: list[tuple[str, float]], out: Path, config_dir: Path | None = None,
-          diffusers_out: Path | None = None) -> Path:
+          diffusers_out: Path | None = None, v_parameterization: bool | None = None) -> Path:
     """Bake LoRAs into the base at their strengths: an original-layout single file for SD (what the WebUIs
-    load), a transformers folder for LLMs."""
+    load; its `modelspec.prediction_type` metadata says what the model predicts), a transformers folder for
+    LLMs."""
     family = detect_model_type(base)
     if family == "llm":
         return export_merged(base, [(Path(p), w) for p, w in loras], Path(out))
@@ -49,7 +50,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: Path, config_dir: Path
 
     from lora_scripts.models.sd_convert import pipeline_to_original
 
-    pipe = _sd_pipeline(base, family, config_dir)
+    model = _sd_model(base, family, config_dir, v_parameterization)
+    pipe = model.pipe
     names = sd_name_map(family, config_dir)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
                   "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
@@ -66,7 +68,8 @@ def merge(base: str, loras: list[tuple[str, float]], out: Path, config_dir: Path
                 module.weight += (m.delta() * weight).to(module.weight.dtype)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(pipeline_to_original(pipe), str(out))
+    predicts = {"v_prediction": "v", "epsilon": "epsilon"}[model.prediction_type]
+    save_file(pipeline_to_original(pipe), str(out), metadata={"modelspec.prediction_type": predicts})
     if diffusers_out is not None:
         pipe.save_pretrained(diffusers_out)
     return out
@@ -91,7 +94,8 @@ def extract(base: str, tuned: str, rank: int, out: Path, config_dir: Path | None
         lora = LoraSet(modules, "peft")
         path = write_peft_folder(lora, Path(out), {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
         return path, report
-    pb, pt = _sd_pipeline(base, family, config_dir), _sd_pipeline(tuned, family, config_dir)
+    # only the weights are compared: what the models predict does not matter (an SD 2.x file may not say)
+    pb, pt = (_sd_model(m, family, config_dir, v_parameterization=False).pipe for m in (base, tuned))
     reverse = {v: k for k, v in sd_name_map(family, config_dir).items()}
     modules, report = {}, []
     for comp in ("unet", "text_encoder", "text_encoder_2"):

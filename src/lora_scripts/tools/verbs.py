@@ -28,6 +28,11 @@ def _config_dir(p: argparse.ArgumentParser) -> None:
                    help="diffusers config folder of a non-standard SD model (default: the shipped SD1.5/SD2/SDXL)")
 
 
+def add_prediction_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--v-parameterization", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD 2.x checkpoints that do not say: v-prediction (768-v models) or not (512-base)")
+
+
 def add_convert(p: argparse.ArgumentParser) -> None:
     """convert a LoRA between kohya, diffusers and PEFT formats
 
@@ -57,6 +62,7 @@ def add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="SD: merged single-file .safetensors; LLM: a folder")
     p.add_argument("--diffusers-out", type=Path, default=None, help="SD: also write a diffusers folder")
     _config_dir(p)
+    add_prediction_flag(p)
 
 
 def cmd_merge(args) -> int:
@@ -64,7 +70,7 @@ def cmd_merge(args) -> int:
     from lora_scripts.tools.model_ops import merge
 
     loras = [split_weight(s) for s in args.lora]
-    out = merge(args.base, loras, Path(args.out), args.model_config_dir, args.diffusers_out)
+    out = merge(args.base, loras, Path(args.out), args.model_config_dir, args.diffusers_out, args.v_parameterization)
     print(f"merged {len(loras)} LoRA(s) into {out}")
     return 0
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 SCALARS = {
     "step": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
              "tokens_per_s": "speed/tokens_per_s", "images_per_s": "speed/images_per_s"},
-    "eval": {"eval_loss": "eval/loss"},
+    "eval": {"eval_loss": "eval/loss", "retention": "eval/retention"},
 }
 
 
@@ -109,16 +109,19 @@ class Events:
 def _describe(event: dict) -> str:
     kind = event["event"]
     if kind == "eval":
-        return f"[eval] step {event.get('step')} epoch {event.get('epoch')}: eval loss {event['eval_loss']:.4f}"
+        figures = [f"{name} {event[key]:.4f}" for key, name in (("eval_loss", "eval loss"), ("retention", "retention"))
+                   if key in event]
+        return f"[eval] step {event.get('step')} epoch {event.get('epoch')}: {', '.join(figures)}"
     if kind == "checkpoint":
         return f"[checkpoint] step {event.get('step')}: {event.get('path')}"
     return f"[{kind}] {event.get('message', '')}"
 
 
 def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path | None:
-    """Train loss per step (raw and smoothed) and eval loss per epoch, as a PNG."""
+    """Train loss per step (raw and smoothed), eval loss and retention (the drift signal) per epoch, as a PNG."""
     steps = [(e["step"], e["loss"]) for e in history if e["event"] == "step"]
-    evals = [(e["step"], e["eval_loss"]) for e in history if e["event"] == "eval"]
+    evals = [(e["step"], e["eval_loss"]) for e in history if e["event"] == "eval" and "eval_loss" in e]
+    retention = [(e["step"], e["retention"]) for e in history if e["event"] == "eval" and "retention" in e]
     if not steps and not evals:
         return None
     import matplotlib
@@ -137,6 +140,10 @@ def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path | None:
     if evals:
         xs, ys = zip(*evals)
         ax.plot(xs, ys, "o-", color="tab:orange", linewidth=2, label="eval loss")
+    if retention:
+        xs, ys = zip(*retention)
+        ax.plot(xs, ys, "s--", color="tab:green", linewidth=1.5,
+                label="retention (loss on the base's general answers; rising = drift)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -36,6 +36,7 @@ from lora_scripts.train.common import (
     frozen_weights_dtype,
     lora_inputs_uncast,
 )
+from lora_scripts.train.drift import DriftCheck
 from lora_scripts.train.events import plot_loss_curve
 from lora_scripts.train.plan import plan_steps
 from lora_scripts.train.run import start_run
@@ -243,9 +244,14 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                      f"{steps_per_epoch} per epoch, {'packed' if packed else 'padded'} batches of {cfg.batch_size}")
         run.save_config()
 
-        def run_eval() -> None:
-            if eval_data:
-                run.record_eval(pos, evaluate(model, eval_data, cfg.batch_size, packed, pad_id, accelerator))
+        def loss_of(data: list[textdata.Tokenized]) -> float:
+            return evaluate(model, data, cfg.batch_size, packed, pad_id, accelerator)
+
+        drift = DriftCheck.prepare(core, tokenizer, weights_folder, cfg.max_seq_length, loss_of) if cfg.drift_check else None
+
+        def run_eval() -> None:  # the eval loss (with eval data) and the drift signal (train/drift.py)
+            figures = drift.measure(loss_of, pos.step, events) if drift else {}
+            run.record_eval(pos, loss_of(eval_data) if eval_data else None, **figures)
 
         if pos.step == 0:
             run_eval()  # the base model's eval loss: the reference the tuned model is judged against
@@ -283,7 +289,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                 run.next_epoch(pos)
 
         # ---- export ----------------------------------------------------------------------------------
-        if not run.eval_losses or run.eval_losses[-1][0] != pos.step:
+        if run.last_eval_step != pos.step:
             run_eval()  # max_train_steps ended mid-epoch: still report where the run finished
         run.checkpoint(pos)
         if accelerator.is_main_process:

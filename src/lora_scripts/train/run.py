@@ -214,6 +214,7 @@ class TrainingRun:
         self.last_loss: float | None = None
         self.data: dict | None = None  # the training data's fingerprint, set by resume()
         self.eval_losses: list[tuple[int, float]] = []  # (step, eval loss) of this process's evaluations
+        self.last_eval_step: int | None = None
         self.best: dict | None = None  # {"step", "epoch", "eval_loss"} of the lowest eval loss after step 0
         self._tick = time.perf_counter()
 
@@ -291,11 +292,17 @@ class TrainingRun:
         self.stop.install()
         self._tick = time.perf_counter()
 
-    def record_eval(self, pos: Position, loss: float) -> None:
-        """An eval loss: logged (events, TensorBoard, loss_curve.png) and, when it is the lowest after some
-        training, remembered as the best; with save_best, the family's best file is written now."""
+    def record_eval(self, pos: Position, loss: float | None, **figures: float) -> None:
+        """An eval loss (None: no eval data) and other figures (the LLM's retention): logged (events,
+        TensorBoard, loss_curve.png); the lowest eval loss after some training is remembered as the best,
+        and with save_best the family's best file is written now."""
+        self.last_eval_step = pos.step
+        if loss is None:
+            if figures:
+                self.events.emit("eval", step=pos.step, epoch=pos.epoch, **figures)
+            return
         self.eval_losses.append((pos.step, loss))
-        self.events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss)
+        self.events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss, **figures)
         if pos.step == 0 or (self.best is not None and loss >= self.best["eval_loss"]):
             return  # step 0 is the base model: the reference, never the best adapter
         self.best = {"step": pos.step, "epoch": pos.epoch + 1, "eval_loss": loss}

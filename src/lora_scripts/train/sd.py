@@ -344,7 +344,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 run.next_epoch(pos)
 
         # ---- export ------------------------------------------------------------------------------------------
-        if eval_samples and run.eval_losses[-1][0] != pos.step:
+        if eval_samples and run.last_eval_step != pos.step:
             run.record_eval(pos, loss_of.held_out(eval_samples))  # max_train_steps ended mid-epoch
         run.checkpoint(pos)
         lora_file, diffusers_file = out_dir / f"{cfg.name}.safetensors", out_dir / "pytorch_lora_weights.safetensors"
