@@ -145,3 +145,16 @@ def style_images(tmp_path):
         rows.append(f'img{i}.png,"neon city, rain, night, view {i}"')
     (d / "metadata.csv").write_text("\n".join(rows) + "\n")
     return d
+
+
+def write_description_config(path: Path, images: Path, ckpt: Path, out: Path, **keys) -> Path:
+    """The description's own SD config (its 13 keys, its values), with `keys` changed or added."""
+    import yaml
+
+    config = {"train_data_dir": str(images), "metadata_path": str(images / "metadata.csv"), "base_model": str(ckpt),
+              "lora_rank": 8, "lora_alpha": 16, "batch_size": 4, "epochs": 10, "learning_rate": 1e-4,
+              "optimizer": "AdamW", "scheduler": "cosine", "output_dir": str(out), "save_steps": 100,
+              "logging_dir": str(out / "logs")}
+    config.update({k: str(v) if isinstance(v, Path) else v for k, v in keys.items()})
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

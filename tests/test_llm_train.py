@@ -123,6 +123,8 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tiny_llama, pairs_csv, tmp
 
     def poisoned(model, batch):
         loss, n = real(model, batch)
+        if not model.training:  # evaluations (eval loss, the drift check) are not training steps
+            return loss, n
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), n
 

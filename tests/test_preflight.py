@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_description_config
 from lora_scripts.config import ConfigError, load_config
 from lora_scripts.data import images as imgdata
 from lora_scripts.hardware import device_type
@@ -147,22 +148,7 @@ def test_a_key_the_family_does_not_read_is_refused_whether_model_type_is_written
 def test_the_descriptions_example_config_uses_every_key(tmp_path, tiny_sd15, style_images):
     ckpt, cfg_dir = tiny_sd15
     out = tmp_path / "output" / "my_style_lora"
-    cfg = tmp_path / "my_lora_config.yaml"
-    cfg.write_text(f"""\
-train_data_dir: "{style_images}"
-metadata_path: "{style_images / 'metadata.csv'}"
-base_model: "{ckpt}"
-lora_rank: 8
-lora_alpha: 16
-batch_size: 4
-epochs: 10
-learning_rate: 1e-4
-optimizer: "AdamW"
-scheduler: "cosine"
-output_dir: "{out}"
-save_steps: 100
-logging_dir: "{out / 'logs'}"
-""")
+    cfg = write_description_config(tmp_path / "my_lora_config.yaml", style_images, ckpt, out)
     report = run_preflight(load_config(cfg))
     messages = [f.message for f in report.findings]
     assert report.model_type == "sd15" and "config: the 13 key(s) set are all used by this sd15 run" in messages

@@ -5,6 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import write_description_config
 from lora_scripts.cli import main
 from lora_scripts.sd_generate import parse_lora_tags
 
@@ -12,26 +13,9 @@ from lora_scripts.sd_generate import parse_lora_tags
 def test_train_then_generate_with_webui_lora_syntax(tiny_sd15, style_images, tmp_path, capsys):
     ckpt, cfg_dir = tiny_sd15
     out = tmp_path / "output" / "cyberpunk_night"
-    cfg = tmp_path / "cyberpunk.yaml"
-    cfg.write_text(f"""\
-train_data_dir: "{style_images}"
-metadata_path: "{style_images / 'metadata.csv'}"
-base_model: "{ckpt}"
-model_config_dir: "{cfg_dir}"
-lora_rank: 4
-lora_alpha: 8
-batch_size: 2
-epochs: 1
-learning_rate: 1e-4
-optimizer: "AdamW"
-scheduler: "cosine"
-output_dir: "{out}"
-save_steps: 100
-logging_dir: "{out / 'logs'}"
-resolution: 128
-repeats: 2
-trigger_word: cybr_night
-""")
+    cfg = write_description_config(tmp_path / "cyberpunk.yaml", style_images, ckpt, out, model_config_dir=cfg_dir,
+                                   lora_rank=4, lora_alpha=8, batch_size=2, epochs=1, resolution=128, repeats=2,
+                                   trigger_word="cybr_night")
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     text = capsys.readouterr()
     assert "<lora:cyberpunk_night:0.8>" in text.out

@@ -233,7 +233,7 @@ class TrainConfig(BaseModel):
     drift_check: bool = True
     """LLM runs: the base model answers a few shipped general questions first (cached per base model), and
     after every epoch the tuned model's loss on those answers is logged as `retention` (rising = the answers
-    drift toward the training data's topic); a warning names the knobs when it passes 3x the base's."""
+    drift toward the training data's topic); a warning names the knobs when it passes 2.2x the base's."""
 
     # ---------------------------------------------------------------------------------------------
     @model_validator(mode="before")

@@ -22,9 +22,13 @@ from lora_scripts.models.embedded import cache_root
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "resources" / "drift_prompts.txt"
 MAX_NEW_TOKENS = 48  # enough for the start of an answer, where the topic shows; short keeps it cheap
-# Warn when the tuned model's loss on the base's answers is this many times the base's own (calibration on
-# the demo: docs/performance.md).
-DRIFT_FACTOR = 3.0
+# Warn when the tuned model's loss on the base's answers passes this many times the base's own. Measured on
+# the demo (SmolLM2-135M, 120 house-style pairs, docs/performance.md): the 3-epoch demo ends at 1.86x with
+# answers still on topic; the same data over 8 epochs reads 2.02x, 2.14x, 2.16x, 2.24x, 2.25x, 2.26x after
+# epochs 3-8 while its eval loss is lowest after epoch 4, and the persona starts leaking into unrelated
+# answers ("Harbor seals" in a haiku about the sea). 2.2 warns at epoch 6 there, two epochs past the best.
+# One dataset: a starting point, not a law.
+DRIFT_FACTOR = 2.2
 
 
 def drift_prompts() -> list[str]:

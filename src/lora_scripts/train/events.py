@@ -111,7 +111,7 @@ def _describe(event: dict) -> str:
     if kind == "eval":
         figures = [f"{name} {event[key]:.4f}" for key, name in (("eval_loss", "eval loss"), ("retention", "retention"))
                    if key in event]
-        return f"[eval] step {event.get('step')} epoch {event.get('epoch')}: {', '.join(figures)}"
+        return f"[eval] step {event.get('step')}, after {event.get('epoch')} epoch(s): {', '.join(figures)}"
     if kind == "checkpoint":
         return f"[checkpoint] step {event.get('step')}: {event.get('path')}"
     return f"[{kind}] {event.get('message', '')}"

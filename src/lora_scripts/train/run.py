@@ -297,15 +297,16 @@ class TrainingRun:
         TensorBoard, loss_curve.png); the lowest eval loss after some training is remembered as the best,
         and with save_best the family's best file is written now."""
         self.last_eval_step = pos.step
+        epochs = pos.epoch + 1 if pos.group > 0 else pos.epoch  # epochs trained (a cut-short one counts)
         if loss is None:
             if figures:
-                self.events.emit("eval", step=pos.step, epoch=pos.epoch, **figures)
+                self.events.emit("eval", step=pos.step, epoch=epochs, **figures)
             return
         self.eval_losses.append((pos.step, loss))
-        self.events.emit("eval", step=pos.step, epoch=pos.epoch, eval_loss=loss, **figures)
+        self.events.emit("eval", step=pos.step, epoch=epochs, eval_loss=loss, **figures)
         if pos.step == 0 or (self.best is not None and loss >= self.best["eval_loss"]):
             return  # step 0 is the base model: the reference, never the best adapter
-        self.best = {"step": pos.step, "epoch": pos.epoch + 1, "eval_loss": loss}
+        self.best = {"step": pos.step, "epoch": epochs, "eval_loss": loss}
         if self.cfg.save_best and self.export_best is not None and self.accelerator.is_main_process:
             self.export_best()
             self.events.emit("info", message=f"save_best: lowest eval loss so far ({loss:.4f}, step {pos.step}) saved")
