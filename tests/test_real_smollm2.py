@@ -17,6 +17,7 @@ def test_smollm2_learns_the_house_style_direction(tmp_path):
         f"output_dir={out}", "batch_size=4", "max_train_steps=8", "learning_rate=1e-3", "mixed_precision=auto",
         "eval_data_path=data/demo_llm_style/eval.csv", "max_seq_length=256", "save_steps=100",
         "sample_prompts=['How do I choose a good pillow?']", "max_new_tokens=16",
+        "drift_check=false",  # the drift check on this model is the demo's (make demo); here: learning, round trip
     ])
     result = train_llm(cfg, progress=False)
     losses = [e["loss"] for e in result.events if e["event"] == "step"]

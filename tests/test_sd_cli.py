@@ -156,27 +156,3 @@ def test_unsafe_ckpt_is_refused(tmp_path, bad):
         pickle.dump({"state_dict": Evil()}, fh)
     with pytest.raises(SDLoadError, match="could run code when loaded.*safetensors"):
         load_sd(str(path), "sd15")
-
-
-def test_sd_trains_on_two_processes_from_the_command_line(tiny_sd15, style_images, tmp_path):
-    """`train --num-processes 2` relaunches under torchrun for SD as for LLMs (DDP over gloo on the CPU)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    ckpt, cfg_dir = tiny_sd15
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"base_model: {ckpt}\nmodel_config_dir: {cfg_dir}\ntrain_data_dir: {style_images}\n"
-                   f"output_dir: {tmp_path / 'o'}\nresolution: 64\nbatch_size: 1\nrepeats: 1\nmax_train_steps: 2\n"
-                   "lora_rank: 4\nsample_every_n_epochs: null\nmixed_precision: 'no'\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env.update(LORA_SCRIPTS_CACHE=str(tmp_path / "cache"), ACCELERATE_USE_CPU="1")  # CPU ranks, GPU or not
-    proc = subprocess.run([sys.executable, "-m", "lora_scripts.cli", "train", "--config", str(cfg),
-                           "--num-processes", "2", "--no-progress"], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in (tmp_path / "o" / "events.jsonl").read_text().splitlines()]
-    assert next(e for e in events if e["event"] == "start")["processes"] == 2
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
-    assert (tmp_path / "o" / "o.safetensors").exists() and proc.stdout.count("done: 2 steps") == 1
