@@ -17,6 +17,7 @@ from lora_scripts.data.text import load_samples
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.preflight import run_preflight
 from lora_scripts.style import style_score
+from lora_scripts.train.drift import DRIFT_FACTOR
 from lora_scripts.train.llm import train_llm
 
 DEFAULT_CONFIG = Path("configs/examples/demo_llm_style.yaml")
@@ -70,6 +71,14 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None) -> i
         "stopped_tuned": sum(r.stopped for r in tuned_replies) / len(prompts),
         "held_out_prompts": len(prompts),
     }
+    retention = [e for e in result.events if e["event"] == "eval" and "retention" in e]
+    drift_line = ""
+    if retention:  # the drift signal (train/drift.py): general answers of the base, the tuned model's loss on them
+        summary["retention_base"], summary["retention_tuned"] = retention[0]["retention"], retention[-1]["retention"]
+        drift_line = (f"retention on general questions (loss on the base's own answers, lower = closer): base "
+                      f"{retention[0]['retention']:.3f} -> tuned {retention[-1]['retention']:.3f} "
+                      f"({retention[-1]['retention'] / retention[0]['retention']:.2f}x; a run warns past "
+                      f"{DRIFT_FACTOR}x)\n")
     for i in range(min(3, len(prompts))):
         print("\n" + _side_by_side(prompts[i], base_replies[i].text, tuned_replies[i].text))
     print(
@@ -79,6 +88,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None) -> i
         f"tuned {summary['style_score_tuned']:.0%}\n"
         f"stopped on their own (EOS) within {cfg.max_new_tokens} tokens: base {summary['stopped_base']:.0%}, "
         f"tuned {summary['stopped_tuned']:.0%}\n"
+        f"{drift_line}"
         f"adapter: {result.adapter_dir}/adapter_model.safetensors; loss curve: {result.output_dir}/loss_curve.png"
     )
     out = Path(cfg.output_dir)
