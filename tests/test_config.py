@@ -105,3 +105,19 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_shipped_yaml_validates(path):
     cfg = load_config(path)
     assert cfg.base_model
+
+
+def test_the_readme_lists_each_key_under_the_family_that_reads_it():
+    from lora_scripts.config_rules import IMAGE_ONLY_KEYS, LLM_ONLY_KEYS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {line.rsplit("|", 2)[-2].strip(): line for line in readme.splitlines()
+            if line.startswith("| `") and line.rstrip().endswith(("| both |", "| LLM runs |", "| image (SD) runs |"))}
+
+    def keys(row: str) -> set[str]:
+        return {k.strip().split(" ")[0] for k in rows[row].split("`")[1].split(",")}
+
+    assert keys("LLM runs") == set(LLM_ONLY_KEYS) and keys("image (SD) runs") == set(IMAGE_ONLY_KEYS)
+    described = {"train_data_dir", "metadata_path", "base_model", "lora_rank", "lora_alpha", "batch_size", "epochs",
+                 "learning_rate", "optimizer", "scheduler", "output_dir", "save_steps", "logging_dir"}
+    assert keys("both") == set(TrainConfig.model_fields) - set(LLM_ONLY_KEYS) - set(IMAGE_ONLY_KEYS) - described
