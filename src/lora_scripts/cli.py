@@ -225,7 +225,7 @@ def cmd_generate(args) -> int:
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
     model_type = detect_model_type(args.base)
     if model_type != "llm":
-        from lora_scripts.sd_generate import generate_images
+        from lora_scripts.sd_generate import describe_image, generate_images
 
         if not prompts:
             return _fail("give --prompt or --prompts-file for image generation")
@@ -234,7 +234,7 @@ def cmd_generate(args) -> int:
             Path(args.lora_dir), Path(args.model_config_dir) if args.model_config_dir else None, args.negative,
             args.steps, args.guidance, args.seed, args.width, args.height, args.v_parameterization)
         for path, prompt, loras in written:
-            print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
+            print(describe_image(path, prompt, loras))
         return 0
     from lora_scripts.llm_generate import chat, format_reply, generate_replies, load_with_adapters
 

@@ -126,7 +126,7 @@ def write_neon_images(folder: Path, n: int = 12, seed: int = 0) -> None:
 def run_image_demo(config: str | None = None, overrides: list[str] | None = None) -> int:
     """Build the tiny SD1.5 model and the synthetic images once, then train and generate with the LoRA."""
     from lora_scripts.models.sd import build_tiny_sd, save_single_file
-    from lora_scripts.sd_generate import generate_images
+    from lora_scripts.sd_generate import describe_image, generate_images
     from lora_scripts.train.sd import train_sd
 
     cfg = load_config(config or IMAGE_CONFIG, overrides)
@@ -145,5 +145,5 @@ def run_image_demo(config: str | None = None, overrides: list[str] | None = None
                               Path(cfg.output_dir) / "generated", Path(cfg.output_dir), config_dir, steps=10,
                               width=cfg.resolution, height=cfg.resolution)
     for path, prompt, loras in written:
-        print(f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras))
+        print(describe_image(path, prompt, loras))
     return 0

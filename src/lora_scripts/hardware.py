@@ -144,6 +144,7 @@ def matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
         return measure_matmul_flops(precision, device, seconds)
     from importlib.metadata import version
 
+    from lora_scripts.atomic import write_text_atomic
     from lora_scripts.models.embedded import cache_root
 
     key = f"{cpu_name()}|{os.cpu_count()}|{os.environ.get('OMP_NUM_THREADS', '')}|torch {version('torch')}|{precision}"
@@ -155,9 +156,7 @@ def matmul_flops(precision: str, device: str, seconds: float = 0.5) -> float:
     if key not in known:
         known[key] = measure_matmul_flops(precision, device, seconds)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(known, indent=1))
     return float(known[key])
 
 

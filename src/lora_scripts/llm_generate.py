@@ -72,7 +72,9 @@ def format_reply(r: Reply) -> str:
 def chat(model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, ask=input, say=print) -> None:
     """A conversation: each answer sees the turns before it (the oldest exchanges are dropped when the
     model's context would overflow); `/new` starts over; an empty line or end of input ends it."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+    from lora_scripts.models.llm import context_length
+
+    limit = context_length(model) or 2048
     history: list[dict[str, str]] = []
     while True:
         try:

@@ -15,7 +15,7 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.config_rules import keys_for_other_family
 from lora_scripts.data import images as imgdata
 from lora_scripts.data import text as textdata
-from lora_scripts.data.buckets import batches_per_epoch, image_bucket, make_buckets
+from lora_scripts.data.buckets import batches_per_epoch, image_bucket, make_buckets, views_per_bucket
 from lora_scripts.data.split import split_eval
 from lora_scripts.hardware import (
     Precision,
@@ -238,9 +238,8 @@ def check_image_eval(cfg: TrainConfig, usable: list, report: Report) -> list:
     """The held-out images (eval_data_path, or val_ratio of the folder); returns the training images."""
     if cfg.eval_data_path is not None:
         path = Path(cfg.eval_data_path)
-        folder, meta = (path.parent, path) if path.is_file() else (path, None)
         try:
-            held = imgdata.load_captioned_images(folder, meta)
+            held = imgdata.load_eval_images(path)
             report.info(f"eval_data_path {path}: {len(held)} held-out images")
         except (imgdata.CaptionFileError, OSError) as exc:
             report.error(f"eval_data_path {path}: {exc}")
@@ -254,10 +253,7 @@ def check_image_eval(cfg: TrainConfig, usable: list, report: Report) -> list:
 def plan_image_epoch(cfg: TrainConfig, usable: list, repeats: list[int], report: Report) -> int:
     """An epoch's image views, and its batches (one bucket per batch) in report.image_batches."""
     shapes = make_buckets(cfg.resolution)
-    views: dict[tuple[int, int], int] = {}
-    for it, r in zip(usable, repeats):
-        bucket = image_bucket(it.path, shapes)
-        views[bucket] = views.get(bucket, 0) + r
+    views = views_per_bucket([image_bucket(it.path, shapes) for it in usable], repeats)
     report.image_batches = batches_per_epoch(views, cfg.batch_size)
     report.info("buckets (width x height: views per epoch): "
                 + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(views.items())))

@@ -86,6 +86,11 @@ def image_grid(images: list[Image.Image], captions: list[str] | None = None) -> 
     return grid
 
 
+def describe_image(path: Path, prompt: str, loras: list[tuple[Path, float]]) -> str:
+    """One line per generated image: the file, its prompt and the LoRAs it used, as `<file:weight>`."""
+    return f"{path}: {prompt}" + "".join(f" <{p.name}:{w}>" for p, w in loras)
+
+
 def generate_images(base: str, model_type: str, prompts: list[str], loras: list[tuple[Path, float]], out: Path,
                     lora_dir: Path = Path("."), model_config_dir: Path | None = None, negative: str = "",
                     steps: int = 25, guidance: float = 7.0, seed: int = 0, width: int | None = None,

@@ -40,6 +40,14 @@ def image_bucket(path: Path, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     return nearest_bucket(size, buckets)
 
 
+def views_per_bucket(buckets: list[tuple[int, int]], repeats: list[int]) -> dict[tuple[int, int], int]:
+    """Image views per epoch in each bucket: `buckets[i]` is image i's bucket, seen `repeats[i]` times."""
+    views: dict[tuple[int, int], int] = {}
+    for bucket, r in zip(buckets, repeats):
+        views[bucket] = views.get(bucket, 0) + r
+    return views
+
+
 def batches_per_epoch(views_per_bucket: dict[tuple[int, int], int], batch_size: int) -> int:
     """Every batch comes from one bucket, so each bucket's last batch may be partial: it is kept, so every
     image is seen once per epoch (times its repeats)."""

@@ -184,10 +184,14 @@ def load_image_sets(folder: Path, metadata_path: Path | None, trigger: str | Non
     metadata.csv; without it, `val_ratio` of the training folder is held out (picked by `seed`)."""
     items = load_captioned_images(folder, metadata_path, trigger)
     if eval_path is not None:
-        eval_path = Path(eval_path)
-        eval_folder, eval_meta = (eval_path.parent, eval_path) if eval_path.is_file() else (eval_path, None)
-        return items, load_captioned_images(eval_folder, eval_meta, trigger)
+        return items, load_eval_images(Path(eval_path), trigger)
     return split_eval(items, val_ratio, seed)
+
+
+def load_eval_images(eval_path: Path, trigger: str | None = None) -> list[ImageItem]:
+    """`eval_data_path` for images: a captioned folder, or the metadata.csv of one."""
+    folder, meta = (eval_path.parent, eval_path) if eval_path.is_file() else (eval_path, None)
+    return load_captioned_images(folder, meta, trigger)
 
 
 # ---- repeats: how often each image is seen per epoch (read by the preflight too) ------------------------

@@ -71,13 +71,6 @@ def build_samples(items: list[ImageItem], resolution: int) -> tuple[list[Sample]
     return samples, dict(sorted(table.items()))
 
 
-def views_per_bucket(samples: list[Sample], repeats: list[int]) -> dict[tuple[int, int], int]:
-    views: dict[tuple[int, int], int] = defaultdict(int)
-    for s, r in zip(samples, repeats):
-        views[s.bucket] += r
-    return dict(views)
-
-
 def epoch_batches(samples: list[Sample], repeats: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Batches of sample indices, every batch from one bucket (its last one partial); a pure function of
     (seed, epoch). There are `buckets.batches_per_epoch` of them."""

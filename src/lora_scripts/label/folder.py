@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.atomic import write_text_atomic
 from lora_scripts.data.images import CaptionFileError, open_rgb, read_caption_csv, read_sidecar, scan_images
 from lora_scripts.label.captioner import Captioner
 from lora_scripts.label.clip import DEFAULT_CLIP, ClipInterrogator, read_phrase_file
-from lora_scripts.label.writer import compose_prompt, write_csv_atomic, write_text_atomic
+from lora_scripts.label.writer import compose_prompt, write_csv_atomic
 
 PROGRESS_SUFFIX = ".labeling.json"
 
@@ -49,11 +50,11 @@ def resolve_model_folder(name: str | None, what: str, default: str | None = None
         ) from None
 
 
-def _sidecar_text(path: Path) -> str | None:
+def _has_sidecar_caption(path: Path) -> bool:
     try:
-        return read_sidecar(path)
+        return bool(read_sidecar(path))
     except CaptionFileError:  # not UTF-8: still a person's caption; the preflight reports the encoding
-        return "unreadable"
+        return True
 
 
 def pick_device(device: str) -> torch.device:
@@ -118,7 +119,7 @@ def label_folder(
     def captioned(it) -> bool:
         if it.key in rows or it.path.name in rows:
             return True
-        return not (overwrite and sidecar) and bool(_sidecar_text(it.path))
+        return not (overwrite and sidecar) and _has_sidecar_caption(it.path)
 
     todo = [it for it in items if not captioned(it)]
     result = LabelResult(kept=len(items) - len(todo) - (len(done_this_pass & {it.key for it in items})))

@@ -1,4 +1,4 @@
-"""The metadata writer: a prompt from a sentence and phrases, and atomic CSV / sidecar writes."""
+"""The metadata writer: a prompt from a sentence and phrases, and the atomic CSV write."""
 
 from __future__ import annotations
 
@@ -29,10 +29,4 @@ def write_csv_atomic(path: Path, rows: dict[str, str]) -> None:
         fh.write(buf.getvalue())
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -275,10 +275,9 @@ def data_fingerprint(rows: list) -> dict:
     return {"samples": len(rows), "sha256": digest}
 
 
-def resume_differences(ckpt: Path, cfg: TrainConfig, data: dict | None) -> list[str]:
-    """How this run differs from the one that wrote `ckpt` (settings that shape the weights, and the data);
-    empty for a checkpoint written before these were recorded."""
-    state = json.loads((ckpt / "state.json").read_text())
+def resume_differences(state: dict, cfg: TrainConfig, data: dict | None) -> list[str]:
+    """How this run differs from the one whose checkpoint `state` (its state.json) is: settings that shape
+    the weights, and the data; empty for a checkpoint written before these were recorded."""
     then, now = state.get("settings"), training_settings(cfg)
     changes = []
     if then is not None:
@@ -306,7 +305,8 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
     if ckpt is None:
         events.emit("warning", message=f"resume_from: latest found no checkpoint in {out_dir}; starting fresh")
         return Position(), {}
-    changes = resume_differences(ckpt, cfg, data)
+    state = json.loads((ckpt / "state.json").read_text())
+    changes = resume_differences(state, cfg, data)
     if changes and not cfg.resume_force:
         raise ResumeError(f"resume_from: {ckpt} was written by a run with other settings or data:\n  "
                           + "\n  ".join(changes) + "\nUndo the change, train into a new output_dir, or set "
@@ -315,7 +315,7 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
         events.emit("warning", message=f"resume_force: continuing although {change}")
     pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank)
     events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
-    return pos, json.loads((ckpt / "state.json").read_text())
+    return pos, state
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None, rank: int = 0) -> Position:

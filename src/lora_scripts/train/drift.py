@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_scripts.atomic import write_text_atomic
 from lora_scripts.data import text as textdata
 from lora_scripts.models.embedded import cache_root
 
@@ -54,9 +55,7 @@ def base_replies(model, tokenizer, weights_folder: Path, prompts: list[str]) -> 
         return json.loads(cached.read_text(encoding="utf-8"))
     replies = [r.text for r in generate_replies(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)]
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{id(replies)}")
-    tmp.write_text(json.dumps(replies), encoding="utf-8")
-    tmp.replace(cached)
+    write_text_atomic(cached, json.dumps(replies))
     return replies
 
 

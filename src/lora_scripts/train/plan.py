@@ -35,7 +35,6 @@ def plan_steps(n_items: int, cfg: TrainConfig, world: int = 1, n_batches: int | 
     return StepPlan(per_rank, steps_per_epoch, total, epochs)
 
 
-
 def share_batches(batches: list, per_rank: int, world: int, rank: int) -> list:
     """This process's batches of an epoch: every `world`-th, the list first filled up to per_rank x world
     with its own first batches (as torch's DistributedSampler pads), so no batch is dropped."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import sd_data
-from lora_scripts.data.buckets import batches_per_epoch
+from lora_scripts.data.buckets import batches_per_epoch, views_per_bucket
 from lora_scripts.data.images import describe_repeats, load_image_sets, plan_repeats
 from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
 from lora_scripts.models.detect import detect_model_type
@@ -115,7 +115,8 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.
     return train_te, frozen_dtype
 
 
-def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan) -> Callable:
+def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items,
+             plan) -> tuple[Callable[[Path], tuple[Path, Path]], Callable[[], Path]]:
     """(`export(folder)`, `export_best()`): the kohya/A1111 file (with its ss_* metadata) and the diffusers
     file of the model as it stands, in save_precision, for every checkpoint and the final output; and the
     kohya file alone as `<name>-best.safetensors` (save_best)."""
@@ -205,6 +206,17 @@ class DiffusionLoss:
         if cfg.noise_offset:
             noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen).to(device)
+        pred, target = self.predict(batch, latents, noise, t, captions)
+        loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if cfg.min_snr_gamma:
+            loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
+        return loss.mean()
+
+    def predict(self, batch: list[sd_data.Sample], latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the UNet's prediction, what it should predict: the noise, or v), in fp32, for `latents` noised
+        with `noise` at timesteps `t` and conditioned on `captions` (SDXL: and on `batch`'s sizes)."""
+        model, noise_sched, device = self.model, self.noise_sched, self.accelerator.device
         noisy = noise_sched.add_noise(latents, noise, t)
         target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
         with self.accelerator.autocast():
@@ -213,10 +225,7 @@ class DiffusionLoss:
             if model.model_type == "sdxl":
                 extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch).to(device)}}
             pred = self.unet(noisy, t, hidden, **extra).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if cfg.min_snr_gamma:
-            loss = loss * snr_weights(noise_sched, t, cfg.min_snr_gamma, model.prediction_type)
-        return loss.mean()
+        return pred.float(), target.float()
 
     @torch.no_grad()
     def held_out(self, samples: list[sd_data.Sample]) -> float:
@@ -224,9 +233,9 @@ class DiffusionLoss:
         alone, its caption as written (no flip, dropout, shuffle or noise offset), unweighted MSE. The same
         noise every time, so the curve compares epochs, not noise draws. Run on every process (DDP's forward
         may broadcast buffers)."""
-        model, noise_sched, device = self.model, self.noise_sched, self.accelerator.device
+        model, device = self.model, self.accelerator.device
         gen = torch.Generator().manual_seed(self.cfg.seed + 2_718_281)
-        span = noise_sched.config.num_train_timesteps
+        span = self.noise_sched.config.num_train_timesteps
         t = torch.tensor([int((k + 0.5) * span / EVAL_TIMESTEPS) for k in range(EVAL_TIMESTEPS)], device=device)
         was_training = self.unet.training
         self.unet.eval()
@@ -235,16 +244,8 @@ class DiffusionLoss:
             one = self.cache.get(s, False) if self.cache is not None else sd_data.encode_image(model.vae, s, False)
             latents = one.unsqueeze(0).expand(EVAL_TIMESTEPS, *one.shape).to(device)
             noise = torch.randn(latents.shape, generator=gen).to(device)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
-            with self.accelerator.autocast():
-                hidden, pooled = self.conditioning([s.item.caption or ""] * EVAL_TIMESTEPS)
-                extra = {}
-                if model.model_type == "sdxl":
-                    time_ids = sdxl_time_ids([s] * EVAL_TIMESTEPS).to(device)
-                    extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-                pred = self.unet(noisy, t, hidden, **extra).sample
-            total += float(F.mse_loss(pred.float(), target.float()))
+            pred, target = self.predict([s] * EVAL_TIMESTEPS, latents, noise, t, [s.item.caption or ""] * EVAL_TIMESTEPS)
+            total += float(F.mse_loss(pred, target))
         self.unet.train(was_training)
         return total / max(len(samples), 1)
 
@@ -278,8 +279,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         if te_params:
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
 
-        plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(sd_data.views_per_bucket(samples, repeats),
-                                                                      cfg.batch_size))
+        views = views_per_bucket([s.bucket for s in samples], repeats)
+        plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(views, cfg.batch_size))
         total_steps = plan.total_steps
         optimizer = build_optimizer(cfg, groups)
         lr_sched = build_scheduler(cfg, optimizer, total_steps)
