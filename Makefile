@@ -14,7 +14,9 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check src tests train.py tools bench scripts
 
+# the bench's baselines need TRL, installed on first use (not by setup: nothing else needs it)
 bench: setup
+	@.venv/bin/python -c "import trl" 2>/dev/null || .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "trl==1.16.0"
 	.venv/bin/python bench/run.py
 
 # On a machine with an NVIDIA GPU: tests, demos, SD fp16/bf16 runs and the GPU bench, one JSON + log

@@ -1,14 +1,17 @@
-"""One SD LoRA training run, ours or a loop written like diffusers' train_text_to_image_lora.py.
+"""One SD LoRA training run, as a subprocess of bench/run.py: ours, a loop written like diffusers'
+train_text_to_image_lora.py ("example"), or a kohya-style cached loop ("kohya").
 
-Model: SD1.5's architecture at a quarter of every width but SD1.5's attention head sizes (40/80/160),
-random weights, 256 px, batch 4, LoRA r=8 (fp32) on to_q/to_k/to_v/to_out.0, AdamW, bf16 autocast, frozen weights
-in bf16 (the example casts its whole UNet, VAE and text encoder; ours its UNet's linear and conv layers). The baseline
-encodes every image with the VAE and every caption with the text encoder at every step, as the example
-does; ours reads cached latents and text embeddings. Prints one JSON line.
+Model: SD1.5's full architecture (or, as a quick profile, every width quartered), random weights, batch 4,
+LoRA r=8 (fp32) on to_q/to_k/to_v/to_out.0, AdamW, in the precision bench/run.py chose for the machine: under
+bf16/fp16 autocast the frozen weights are cast to that dtype (the example and kohya cast the whole UNet, ours its
+linear and conv layers); in fp32 nothing is cast. The example encodes every image with the VAE and every
+caption with the text encoder at every step; the kohya-style loop, like ours, encodes each image and caption
+once before training and then runs the UNet step alone. Prints one JSON line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 STEPS_SKIPPED = 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync() -> None:
@@ -79,13 +83,19 @@ def build_full_sd15(folder: Path) -> Path:
     return save_sd_pipeline(folder, unet, vae, te, CLIPTokenizer.from_pretrained(src / "tokenizer"))
 
 
-def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:
+def autocast(precision: str):
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE, dtype=DTYPES[precision])
+
+
+def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: int, precision: str) -> dict:
     from lora_scripts.config import load_config
     from lora_scripts.train.sd import train_sd
 
     cfg = load_config(None, [
         f"base_model={model_dir}", "model_type=sd15", f"train_data_dir={data_dir}", f"output_dir={out}",
-        f"resolution={resolution}", "batch_size=4", f"max_train_steps={steps}", "learning_rate=1e-4", "mixed_precision=bf16",
+        f"resolution={resolution}", "batch_size=4", f"max_train_steps={steps}", "learning_rate=1e-4", f"mixed_precision={precision}",
         "lora_rank=8", "lora_alpha=8", "repeats=10", "save_steps=100000", "sample_every_n_epochs=null",
     ])
     t0 = time.perf_counter()
@@ -98,74 +108,113 @@ def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: in
             "cache": cache, "wall_seconds": total}
 
 
-def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution: int) -> dict:
+def load_baseline_model(model_dir: str, precision: str):
+    """The pipeline as both baselines set it up: frozen weights in the training dtype, a fp32 LoRA on the UNet."""
     import diffusers
-    import numpy as np
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from PIL import Image
-
-    from lora_scripts.data.images import load_captioned_images
 
     diffusers.utils.logging.set_verbosity_error()  # the casts below warn, in the example too
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None).to(DEVICE)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for m in (unet, vae, te):  # as the example: frozen weights in the mixed-precision dtype
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
-        m.to(dtype=torch.bfloat16)
-    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        m.to(dtype=DTYPES[precision])
+    pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     # The example leaves the adapter bf16 under bf16 and upcasts it for fp16; fp32 here, the precision of ours.
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    cast_training_params(pipe.unet, dtype=torch.float32)
+    return pipe
+
+
+def square_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """The example's image transform: short side to the resolution, centre crop, to [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    r = resolution
+    s = r / min(img.size)
+    img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling.BILINEAR)
+    left, top = (img.width - r) // 2, (img.height - r) // 2
+    arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def encode(pipe, paths: list[Path], captions: list[str], resolution: int, precision: str):
+    """Latents and text-encoder hidden states of a batch, without gradients."""
+    dtype = DTYPES[precision]
+    pixels = torch.stack([square_pixels(p, resolution) for p in paths]).to(DEVICE, dtype=dtype)
+    with torch.no_grad(), autocast(precision):
+        latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(DEVICE)
+        hidden = pipe.text_encoder(ids)[0]
+    return latents, hidden
+
+
+def unet_step(pipe, noise_sched, params, opt, latents, hidden, precision: str) -> float:
+    """The UNet step both baselines share with the example: noise at a random timestep, MSE on the noise."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(latents),), device=DEVICE)
+    with autocast(precision):
+        pred = pipe.unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
+    loss = F.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution: int, precision: str,
+                 cached: bool = False) -> dict:
+    """The example's loop (encode every step), or with `cached` the kohya-style one: every latent and text
+    embedding computed once up front, the VAE and text encoder then moved off the device (kohya's
+    --cache_latents / --cache_text_encoder_outputs), and the timed steps the UNet step alone."""
+    from diffusers import DDPMScheduler
+
+    from lora_scripts.data.images import load_captioned_images
+
+    pipe = load_baseline_model(model_dir, precision)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     items = load_captioned_images(Path(data_dir))
     torch.manual_seed(0)
-
-    def load(path):  # the example: resize the short side to the resolution, centre crop, normalise
-        img = Image.open(path).convert("RGB")
-        r = resolution
-        s = r / min(img.size)
-        img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling.BILINEAR)
-        left, top = (img.width - r) // 2, (img.height - r) // 2
-        arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(arr).permute(2, 0, 1)
-
-    times, losses, images = [], [], 0
-    unet.train()
+    cache, t_cache = None, time.perf_counter()
+    if cached:
+        pairs = [encode(pipe, [it.path], [it.caption], resolution, precision) for it in items]
+        cache = [(lat[0], hid[0]) for lat, hid in pairs]
+        pipe.vae.to("cpu"), pipe.text_encoder.to("cpu")
+    t_cache = time.perf_counter() - t_cache
+    times, losses = [], []
+    pipe.unet.train()
     for step in range(steps):
-        batch = [items[(step * 4 + i) % len(items)] for i in range(4)]
+        batch = [(step * 4 + i) % len(items) for i in range(4)]
         t0 = time.perf_counter()
-        pixels = torch.stack([load(it.path) for it in batch]).to(DEVICE, dtype=torch.bfloat16)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                ids = tok([it.caption for it in batch], padding="max_length", max_length=77, truncation=True,
-                          return_tensors="pt").input_ids.to(DEVICE)
-                hidden = te(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (4,), device=DEVICE)
-            pred = unet(noise_sched.add_noise(latents, noise, t), t, hidden).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if cache is not None:
+            latents = torch.stack([cache[i][0] for i in batch])
+            hidden = torch.stack([cache[i][1] for i in batch])
+        else:
+            latents, hidden = encode(pipe, [items[i].path for i in batch], [items[i].caption for i in batch],
+                                     resolution, precision)
+        losses.append(unet_step(pipe, noise_sched, params, opt, latents, hidden, precision))
         sync()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-        images += 4
     k = STEPS_SKIPPED
+    how = f"{len(items)} latents + captions encoded up front in {t_cache:.1f}s" if cached else "none (encodes every step)"
     return {"images": 4 * (steps - k), "seconds": sum(times[k:]), "step_seconds": times[k:],
-            "final_loss": float(np.mean(losses[-4:])), "cache": "none (encodes every step)"}
+            "final_loss": sum(losses[-4:]) / 4, "cache": how}
+
+
+RUNNERS = {"ours": run_ours, "example": run_baseline,
+           "kohya": lambda *a: run_baseline(*a, cached=True)}
 
 
 if __name__ == "__main__":
-    which, model_dir, data_dir, steps, out, resolution = sys.argv[1:7]
-    fn = run_ours if which == "ours" else run_baseline
-    res = fn(model_dir, data_dir, int(steps), out, int(resolution))
+    which, model_dir, data_dir, steps, out, resolution, precision = sys.argv[1:8]
+    res = RUNNERS[which](model_dir, data_dir, int(steps), out, int(resolution), precision)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if DEVICE == "cuda":
         res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

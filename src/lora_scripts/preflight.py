@@ -63,6 +63,8 @@ class Report:
     estimated_seconds: float | None = None  # of training steps, from the rough FLOP model below
     precision: Precision | None = None  # what `mixed_precision` means on this machine
     image_batches: int | None = None  # SD: an epoch's batches, one bucket per batch
+    largest_bucket: tuple[int, int] | None = None  # SD: the bucket of the most pixels (the memory peak)
+    n_captions: int = 0  # SD: captions to cache (at most one per image)
 
     def error(self, msg: str) -> None:
         self.findings.append(Finding("error", msg))
@@ -255,6 +257,8 @@ def plan_image_epoch(cfg: TrainConfig, usable: list, repeats: list[int], report:
     shapes = make_buckets(cfg.resolution)
     views = views_per_bucket([image_bucket(it.path, shapes) for it in usable], repeats)
     report.image_batches = batches_per_epoch(views, cfg.batch_size)
+    report.largest_bucket = max(views, key=lambda wh: wh[0] * wh[1])
+    report.n_captions = len(usable)  # at most: one caption per image
     report.info("buckets (width x height: views per epoch): "
                 + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(views.items())))
     return sum(repeats)
@@ -297,7 +301,29 @@ def run_preflight(cfg: TrainConfig) -> Report:
         report.warn(f"save_steps={cfg.save_steps} is larger than the {plan.total_steps} total steps: only the final "
                     "checkpoint will be written")
     report.info(_estimate(cfg, model_type, plan.total_steps, report))
+    if model_type != "llm":
+        check_sd_memory(cfg, model_type, report)
     return report
+
+
+def check_sd_memory(cfg: TrainConfig, model_type: str, report: Report) -> None:
+    """The per-component memory estimate (memory.py: imports torch and builds the model on the meta
+    device, a few seconds, so it comes after every cheap check) and a warning, with the knobs that lower
+    it, when it exceeds this machine's memory."""
+    from lora_scripts.memory import device_memory, estimate_sd_memory, memory_knobs
+
+    precision = report.precision or choose_precision(cfg.mixed_precision)
+    try:
+        est = estimate_sd_memory(cfg, model_type, precision.device, precision.name, report.largest_bucket,
+                                 report.n_captions)
+    except Exception as exc:  # an estimate must never stop a run the other checks passed
+        report.info(f"memory estimate: not available for this model ({type(exc).__name__}: {exc})")
+        return
+    for line in est.lines():
+        report.info(line)
+    warning = est.warning(device_memory(precision.device), memory_knobs(cfg, precision.device))
+    if warning:
+        report.warn(warning)
 
 
 def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Report) -> str:
@@ -318,10 +344,12 @@ def _estimate(cfg: TrainConfig, model_type: str, total_steps: int, report: Repor
     speed = matmul_flops(name, device)  # this machine, now, in the precision the run will use
     kind = f"{name}-emulated" if bf16_is_emulated(name, device) else name
     seconds = report.estimated_seconds = flops / (speed * EFFICIENCY.get((device, kind), 0.3))
-    mem_gb = params * 4 / 1e9 * (1.5 if name == "no" else 1.2) + 1.5
     took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    memory = ""
+    if model_type == "llm":  # SD: the per-component estimate below
+        memory = f", ~{params * 4 / 1e9 * (1.5 if name == 'no' else 1.2) + 1.5:.1f} GB of memory"
     return (f"rough estimate on {device} in {precision.label} (matmuls measured at {speed / 1e9:,.0f} GFLOP/s): "
-            f"{took} of training steps (eval and samples extra), ~{mem_gb:.1f} GB of memory")
+            f"{took} of training steps (eval and samples extra){memory}")
 
 
 def _model_bytes(base_model: str) -> int:

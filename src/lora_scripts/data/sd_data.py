@@ -92,7 +92,7 @@ class LatentCache:
 
     def __init__(self, root: Path, vae) -> None:
         self.vae = vae
-        self.folder = Path(root) / vae_fingerprint(vae)
+        self.folder = Path(root) / module_fingerprint(vae)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
@@ -102,43 +102,56 @@ class LatentCache:
 
     def get(self, s: Sample, flip: bool) -> torch.Tensor:
         path = self.path(s, flip)
-        if path.exists():
-            latent = _read_checked(path)
-            if latent is not None:
-                self.hits += 1
-                return latent
+        found = read_checked(path) if path.exists() else None
+        if found is not None:
+            self.hits += 1
+            return found["latent"]
         self.misses += 1
         latent = encode_image(self.vae, s, flip)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # each process its own: ranks encode alike
-        save_file({"latent": latent}, str(tmp), metadata={"sha256": _tensor_sha(latent)})
-        tmp.replace(path)
+        write_checked(path, {"latent": latent})
         return latent
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+def _tensors_sha(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
-def _read_checked(path: Path) -> torch.Tensor | None:
-    """The cached latent, or None when the file is unreadable or fails its checksum (it is then rebuilt)."""
+def write_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A cache file with the checksum of its tensors, written whole or not at all (each process its own
+    temporary file: ranks may write the same entry)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"sha256": _tensors_sha(tensors)})
+    tmp.replace(path)
+
+
+def read_checked(path: Path) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors, or None when it is missing, unreadable, not finite or fails its checksum (the
+    caller then rebuilds it)."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             expected = (fh.metadata() or {}).get("sha256")
-        latent = load_file(str(path))["latent"]
+        tensors = load_file(str(path))
     except Exception:
         return None
-    if expected is None or _tensor_sha(latent) != expected or not torch.isfinite(latent).all():
+    if expected is None or _tensors_sha(tensors) != expected or not all(torch.isfinite(t).all() for t in tensors.values()):
         return None
-    return latent
+    return tensors
 
 
-def vae_fingerprint(vae) -> str:
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    params = list(vae.parameters())
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        h.update(p.detach().float().cpu().numpy().tobytes())
+def module_fingerprint(*modules) -> str:
+    """Which weights these are, cheaply: their configs and three parameter tensors each (cache folders)."""
+    h = hashlib.sha256()
+    for m in modules:
+        config = m.config.to_dict() if hasattr(m.config, "to_dict") else dict(m.config)  # transformers / diffusers
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        params = list(m.parameters())
+        for p in (params[0], params[len(params) // 2], params[-1]):
+            h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -9,7 +9,6 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,10 @@ from lora_scripts.data.buckets import batches_per_epoch, views_per_bucket
 from lora_scripts.data.images import describe_repeats, load_image_sets, plan_repeats
 from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
 from lora_scripts.models.detect import detect_model_type
-from lora_scripts.models.embedded import cache_root
 from lora_scripts.models.sd import (
     SDModel,
     adapter_targets,
     add_text_encoder_adapter,
-    encode_prompts,
     load_sd,
     lora_config_for,
     restore_frozen_layers,
@@ -46,6 +43,7 @@ from lora_scripts.train.common import (
 from lora_scripts.train.events import Events, plot_loss_curve
 from lora_scripts.train.plan import plan_steps, share_batches
 from lora_scripts.train.run import start_run
+from lora_scripts.train.sd_caches import PromptEncoder, build_caches, unparked
 
 
 @dataclass
@@ -137,40 +135,6 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
         return kohya_file(folder / f"{cfg.name}.safetensors"), write_diffusers_file(layers, folder, model_type)
 
     return export, lambda: kohya_file(Path(cfg.output_dir) / f"{cfg.name}-best.safetensors")
-
-
-def filled_latent_cache(cfg: TrainConfig, vae, samples: list[sd_data.Sample], events) -> sd_data.LatentCache:
-    """Every image (and its flip, with flip_aug) encoded once, or read back from an earlier run."""
-    cache = sd_data.LatentCache(cache_root() / "latents", vae)
-    t0 = time.perf_counter()
-    for s in samples:
-        for flip in ([False, True] if cfg.flip_aug else [False]):
-            cache.get(s, flip)
-    events.emit("info", message=f"latent cache: {cache.hits} reused, {cache.misses} encoded "
-                f"in {time.perf_counter() - t0:.1f}s")
-    return cache
-
-
-class PromptEncoder:
-    """Captions -> (hidden states, pooled or None). With frozen text encoders and fixed captions each
-    caption is encoded once and reused; a trained encoder (or shuffled/dropped captions) encodes every step."""
-
-    def __init__(self, model: SDModel, trained_encoders: list | None, cached: bool):
-        self.model, self.trained_encoders, self.cached = model, trained_encoders, cached
-        self.cache: dict[str, tuple] = {}
-
-    def __call__(self, captions: list[str]):
-        if not self.cached:
-            return encode_prompts(self.model, captions, self.trained_encoders)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        if missing:
-            with torch.no_grad():
-                hidden, pooled = encode_prompts(self.model, missing)
-            for i, c in enumerate(missing):
-                self.cache[c] = (hidden[i], None if pooled is None else pooled[i])
-        hidden = torch.stack([self.cache[c][0] for c in captions])
-        pooled = None if self.model.model_type != "sdxl" else torch.stack([self.cache[c][1] for c in captions])
-        return hidden, pooled
 
 
 EVAL_TIMESTEPS = 4  # per held-out image, spread evenly over the schedule (125, 375, 625, 875 of 1000)
@@ -301,9 +265,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
 
         # ---- caches ----------------------------------------------------------------------------------------
-        cache = filled_latent_cache(cfg, vae, samples, events) if cfg.cache_latents else None
-        augment = cfg.shuffle_caption or cfg.caption_dropout_rate > 0
-        conditioning = PromptEncoder(model, te_train, cached=not (train_te or augment))
+        cache, conditioning, parked = build_caches(cfg, model, samples, eval_samples, te_train, events,
+                                                   accelerator.device)
 
         events.emit("start", step=pos.step, total_steps=total_steps, epochs=plan.epochs,
                     steps_per_epoch=plan.steps_per_epoch, images=len(items), views_per_epoch=sum(repeats),
@@ -341,7 +304,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 if eval_samples:
                     run.record_eval(pos, loss_of.held_out(eval_samples))
                 if run.samples_due(pos):
-                    write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
+                    with unparked(parked, accelerator.device):
+                        write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
                 run.next_epoch(pos)
 
         # ---- export ------------------------------------------------------------------------------------------
@@ -353,7 +317,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             accelerator.unwrap_model(part, keep_fp32_wrapper=False)
         if accelerator.is_main_process:
             export(out_dir)
-            write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
+            with unparked(parked, accelerator.device):
+                write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
             plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
                         precision=cfg.mixed_precision, lora=str(lora_file), **run.best_summary())
