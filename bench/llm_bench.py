@@ -53,7 +53,7 @@ def run_ours(train_file: str, eval_file: str, steps: int, batch: int, out: str, 
         "base_model=smollm2-135m-instruct", f"metadata_path={train_file}", f"output_dir={out}", f"batch_size={batch}",
         f"max_train_steps={steps}", "learning_rate=2e-4", "scheduler=cosine", f"mixed_precision={precision}",
         f"max_seq_length={seq}", "save_steps=100000", "save_total_limit=1", "lora_rank=8", "lora_alpha=16",
-        "sample_prompts=[]", "epochs=1000",
+        "sample_prompts=[]", "epochs=1000", "drift_check=false",  # the baselines check nothing of the kind
     ])
     result = train_llm(cfg, progress=False)
     rss = peak_rss_mb()  # of training; the eval below is the bench's own measurement

@@ -40,8 +40,9 @@ SMOL_BODY_PARAMS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
 # a model with every width quartered, a quick profile for work on the SD loop; not representative, as it shrinks
 # the VAE and text encoder (which the example runs at every step) as much as the UNet.
 PROFILES = {
-    "cpu": {"llm_batch": 4, "llm_seq": 512, "llm_data": ("demo", "varied"), "sd": "full", "sd_resolution": 256,
+    "cpu": {"llm_batch": 4, "llm_seq": 512, "llm_data": ("demo",), "sd": "full", "sd_resolution": 256,
             "sd_sources": ("small",)},
+    "cpu-llm": {"llm_batch": 4, "llm_seq": 512, "llm_data": ("demo", "varied"), "sd_sources": ()},
     "gpu": {"llm_batch": 8, "llm_seq": 512, "llm_data": ("demo", "long"), "sd": "full", "sd_resolution": 512,
             "sd_sources": ("small", "photo")},
     "cpu-mid": {"llm_data": (), "sd": "mid", "sd_resolution": 256, "sd_sources": ("small", "photo")},
@@ -103,8 +104,9 @@ def main() -> int:
 
 
 def bench(work: Path) -> int:
-    # 10 steps, the first 2 not timed (one-time allocations and kernel selection)
-    steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 10)), int(os.environ.get("BENCH_SD_STEPS", 10))
+    # LLM 8 steps, SD 6, the first 2 not timed (one-time allocations and kernel selection): on a 2-core CPU an
+    # SD1.5 step takes 15-30 s and the whole bench must stay under 15 minutes
+    steps_llm, steps_sd = int(os.environ.get("BENCH_LLM_STEPS", 8)), int(os.environ.get("BENCH_SD_STEPS", 6))
     # A B C A B C: medians of 2 against this machine's drift; more reps would pass the 15-minute budget
     reps = int(os.environ.get("BENCH_REPS", 2))
     reps_sd = int(os.environ.get("BENCH_REPS", 1))  # an SD1.5 step is long (~10-20 s on 2 cores): one run each
@@ -145,15 +147,16 @@ def bench(work: Path) -> int:
 
 
 def bench_sd(work: Path, profile: dict, precision: str, steps_sd: int, reps_sd: int, results: dict) -> None:
-    from sd_bench import build_full_sd15, build_mid_sd
+    from sd_bench import build_full_sd15, build_mid_sd, step_flops
 
     from lora_scripts.demo import write_neon_images
 
     t0 = time.perf_counter()
     model_dir = (build_full_sd15 if profile["sd"] == "full" else build_mid_sd)(work / f"{profile['sd']}-sd")
     print(f"  SD model written in {time.perf_counter() - t0:.0f} s", flush=True)
+    results["sd_flops"] = step_flops(str(model_dir), profile["sd_resolution"])
     images = work / "neon"
-    write_neon_images(images, n=12)
+    write_neon_images(images, n=8)
     sources = {"small": images}
     if "photo" in profile["sd_sources"]:
         sources["photo"] = write_photo_sized(images, work / "photos")
@@ -177,6 +180,12 @@ def report(results: dict, steps_sd: int) -> None:
         rows += llm_rows(name, runs, results["peak_flops"], machine["precision"])
     for name, runs in results["sd"].items():
         rows += sd_rows(name, runs, steps_sd)
+        flops = results["sd_flops"]
+        per_image = {"ours": flops["unet_step"] / 4, "example": (flops["unet_step"] + flops["encoders"]) / 4,
+                     "kohya": flops["unet_step"] / 4}
+        rows.append((f"SD {name}: MFU vs {machine['precision']} matmul peak",
+                     [median(runs[side], lambda r: r["images"] / r["seconds"]) * per_image[side] / results["peak_flops"]
+                      for side in SD_SIDES]))
     sides = ["ours", "baseline 1", "baseline 2"]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}} | {sides[0]:>10} | {sides[1]:>10} | {sides[2]:>10} | ours/1 | ours/2",
@@ -194,6 +203,10 @@ def report(results: dict, steps_sd: int) -> None:
         profile = PROFILES[machine["profile"]]
         lines.append(f"SD baselines: 1 = {BASELINE_NAMES['example']}, 2 = {BASELINE_NAMES['kohya']}; model: "
                      f"{SD_MODELS[profile['sd']]}, random weights, {profile['sd_resolution']} px, batch 4")
+        flops = results["sd_flops"]
+        lines.append(f"SD MFU = FLOPs of a step (torch's FlopCounterMode: UNet forward + backward "
+                     f"{flops['unet_step'] / 1e12:.2f} TFLOP per batch of 4; the example adds VAE encode + text encoder "
+                     f"{flops['encoders'] / 1e12:.2f}) x steps/s / measured {machine['precision']} matmul peak")
         for name, runs in results["sd"].items():
             lines.append(f"SD {name}: ours' latent cache in the first run: {runs['ours'][0]['cache']}; "
                          f"kohya-style: {runs['kohya'][0]['cache']}")

@@ -208,6 +208,36 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution
             "final_loss": sum(losses[-4:]) / 4, "cache": how}
 
 
+def step_flops(model_dir: str, resolution: int, batch: int = 4) -> dict:
+    """FLOPs of one training step, counted by torch's FlopCounterMode on the meta device (shapes only): the
+    UNet's forward and backward with the LoRA (every side), and the VAE encode + text encoder forward the
+    example adds to each of its steps. For an honest MFU: FLOPs done per second / the matmul peak."""
+    import diffusers
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(model_dir)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(json.loads((folder / "unet/config.json").read_text()))
+        vae = diffusers.AutoencoderKL.from_config(json.loads((folder / "vae/config.json").read_text()))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        lat = resolution // 8
+        x, t = torch.randn(batch, 4, lat, lat), torch.randint(0, 1000, (batch,))
+        cond = torch.randn(batch, 77, unet.config.cross_attention_dim)
+        counted = {}
+        with FlopCounterMode(display=False) as fc:
+            unet(x, t, cond).sample.float().pow(2).mean().backward()
+        counted["unet_step"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            vae.encode(torch.randn(batch, 3, resolution, resolution))
+            te(torch.zeros(batch, 77, dtype=torch.long))
+        counted["encoders"] = fc.get_total_flops()
+    return counted
+
+
 RUNNERS = {"ours": run_ours, "example": run_baseline,
            "kohya": lambda *a: run_baseline(*a, cached=True)}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # part: seconds it may take (the whole check stays under ~8 minutes on a modern GPU)
-PARTS = {"environment": 60, "tests": 240, "llm_demo_auto": 120, "llm_demo_fp16": 120, "sd_fp16": 150,
-         "sd_bf16": 150, "bench_gpu": 240}
+PARTS = {"environment": 60, "sd_memory": 420, "tests": 240, "llm_demo_auto": 120, "llm_demo_fp16": 120,
+         "sd_fp16": 150, "sd_bf16": 150, "bench_gpu": 240}
 SD_STEPS = 30
 MAX_SKIPPED = 5  # more skipped fp16 updates in 30 steps than loss scaling's first few is a storm
 # GPU_CHECK_DRY=1: the same plumbing, small, on whatever device there is (checks this script without a GPU)
@@ -147,6 +147,92 @@ def sd_run(out: Path, precision: str) -> dict:
             "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
 
 
+def build_full(model_type: str, folder: Path) -> Path:
+    """SD1.5's or SDXL's full architecture with random weights (fp16 files), from the shipped configs."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lora_scripts.models.sd_configs import config_folder
+
+    if (folder / "model_index.json").exists():
+        return folder
+    src = config_folder(model_type)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        unet = diffusers.UNet2DConditionModel.from_config(json.loads((src / "unet/config.json").read_text()))
+        vae = diffusers.AutoencoderKL.from_config(json.loads((src / "vae/config.json").read_text()))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(src / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(src / "text_encoder_2")) \
+            if model_type == "sdxl" else None
+    sched = diffusers.EulerDiscreteScheduler.from_pretrained(src / "scheduler")
+    tok = CLIPTokenizer.from_pretrained(src / "tokenizer")
+    if model_type == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                                   tokenizer_2=CLIPTokenizer.from_pretrained(src / "tokenizer_2"),
+                                                   unet=unet, scheduler=sched)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                                 safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder)
+    return folder
+
+
+def sd_memory(out: Path) -> dict:
+    """Peak GPU memory of SD1.5 at 512 px batch 4 and SDXL at 1024 px batch 1 (full architectures, random
+    weights, bf16/fp16 as auto picks, 4 steps), with the VAE and frozen text encoders parked in RAM after
+    caching (the default) and kept on the GPU; and the preflight's estimate beside each."""
+    import torch
+
+    import lora_scripts.train.sd_caches as caches
+    from lora_scripts.config import load_config
+    from lora_scripts.hardware import choose_precision
+    from lora_scripts.memory import estimate_sd_memory
+    from lora_scripts.train.sd import train_sd
+
+    work = Path(os.environ.get("GPU_CHECK_WORK", tempfile.gettempdir())) / "lora-scripts-gpu-check"
+    cases = [("sd15", 64 if DRY else 512, 4), ("sdxl", 64 if DRY else 1024, 1)]
+    results, park = {}, caches.park
+    for model_type, size, batch in cases:
+        if DRY:
+            from lora_scripts.models.sd import build_tiny_sd
+
+            model = work / f"{model_type}-tiny"
+            if not (model / "model_index.json").exists():
+                build_tiny_sd(model_type).save_pretrained(model)
+        else:
+            model = build_full(model_type, work / f"{model_type}-full")
+        data = write_images(work / "images")
+        precision = choose_precision("auto")
+        keys = [f"base_model={model}", f"model_type={model_type}", f"train_data_dir={data}", f"resolution={size}",
+                f"batch_size={batch}", "max_train_steps=4", "repeats=4", "save_steps=100000", "resume_from=null",
+                "sample_every_n_epochs=null", "sample_prompts=[]"]
+        est = estimate_sd_memory(load_config(None, keys), model_type, precision.device, precision.name, (size, size), 8)
+        row = {"estimate_gb": round(est.total() / 2**30, 2), "precision": precision.label}
+        for parked in (True, False):
+            caches.park = park if parked else (lambda parts, device: None)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            cfg = load_config(None, [*keys, f"output_dir={work / f'mem_{model_type}_{parked}'}"])
+            peaks = {}
+
+            def at_start(event, peaks=peaks):  # the caches are built: from here on, the steps' peak
+                if event["event"] == "start" and torch.cuda.is_available():
+                    peaks["caching"] = torch.cuda.max_memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+
+            train_sd(cfg, callback=at_start, progress=False)
+            if torch.cuda.is_available():
+                tag = "parked" if parked else "resident"
+                row[f"steps_peak_gb_{tag}"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                row[f"caching_peak_gb_{tag}"] = round(peaks["caching"] / 2**30, 2)
+        caches.park = park
+        results[f"{model_type}_{size}px_batch{batch}"] = row
+    return {"ok": True, **results}
+
+
 def bench_gpu(out: Path) -> dict:
     if DRY:
         return {"ok": None, "skipped": "dry run"}
@@ -163,7 +249,7 @@ def bench_gpu(out: Path) -> dict:
 def run_part(name: str, out: Path) -> dict:
     return {"environment": environment, "tests": tests, "llm_demo_auto": lambda o: llm_demo(o, "auto"),
             "llm_demo_fp16": lambda o: llm_demo(o, "fp16"), "sd_fp16": lambda o: sd_run(o, "fp16"),
-            "sd_bf16": lambda o: sd_run(o, "bf16"), "bench_gpu": bench_gpu}[name](out)
+            "sd_bf16": lambda o: sd_run(o, "bf16"), "sd_memory": sd_memory, "bench_gpu": bench_gpu}[name](out)
 
 
 def main() -> int:

@@ -207,7 +207,7 @@ def test_the_preflight_and_the_config_load_no_ml_library():
     import subprocess
     import sys
 
-    code = ("import sys, lora_scripts.preflight, lora_scripts.config; "
+    code = ("import sys, lora_scripts.preflight, lora_scripts.config, lora_scripts.memory; "
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'peft', 'accelerate') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

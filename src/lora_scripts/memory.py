@@ -7,7 +7,9 @@ formula: the UNet's forward runs once on fake tensors (torch's FakeTensorMode: s
 data, no arithmetic) under the run's autocast, and every tensor autograd saves is counted once per storage,
 which is exactly what a real step keeps (checked against real steps in tests/test_memory.py). With
 gradient checkpointing diffusers recomputes each resnet and transformer block in the backward pass: only
-the blocks' inputs stay, plus the largest block's own activations while it is recomputed.
+the blocks' inputs stay, plus the largest block's own activations while it is recomputed. Under mixed
+precision the trace follows the CPU's autocast rules; CUDA's differ in a few ops (group norm stays fp32
+there), so a GPU estimate can be somewhat low: scripts/gpu_check.py measures it beside the real peak.
 
 The backward pass also needs room that nothing saves: the gradient flowing back through the largest
 activations and the temporaries of the op at hand (attention scores, a conv's workspace).
@@ -203,8 +205,6 @@ def estimate_sd_memory(cfg, model_type: str, device: str, precision: str, bucket
     augment = cfg.shuffle_caption or cfg.caption_dropout_rate > 0
     (on_device if train_te or augment else offloaded)["text encoders"] = te_bytes
     (offloaded if cfg.cache_latents else on_device)["VAE"] = _bytes(vae)
-    text_dim = sum(c["hidden_size"] for k, c in configs.items() if k.startswith("text_encoder"))
-    on_device["text-embedding batch"] = cfg.batch_size * 77 * text_dim * 4
     added = None
     if model_type == "sdxl":
         added = {"text_embeds": configs["text_encoder_2"]["projection_dim"], "time_ids": 6}
