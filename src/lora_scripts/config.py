@@ -159,6 +159,11 @@ class TrainConfig(BaseModel):
     text_encoder_lr: float | None = Field(default=None, gt=0)
     """Stable Diffusion only: train a text-encoder LoRA too, at this learning rate."""
 
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+: the B (up) matrices learn at this many times the learning rate of the A (down) matrices,
+    which keep learning_rate (text_encoder_lr for the text encoders). The LoRA+ paper uses 16 for LLMs;
+    2-4 is a cautious start for images, where kohya calls it the same. null: one rate for both."""
+
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     """adamw (default), adamw8bit (needs bitsandbytes and CUDA), adafactor (least memory)."""
 

@@ -115,6 +115,8 @@ def training_metadata(cfg, model_type: str, tag_frequency: dict, n_images: int, 
     network_args = {"conv_dim": str(rank), "conv_alpha": str(alpha)} if cfg.train_unet_conv else {}
     if cfg.lora_type == "dora":
         network_args["dora_wd"] = "True"
+    if cfg.loraplus_lr_ratio:  # kohya passes LoRA+ as a network argument of the same name
+        network_args["loraplus_lr_ratio"] = str(cfg.loraplus_lr_ratio)
     return {
         "ss_output_name": cfg.name,
         "ss_network_module": "networks.lora",

@@ -20,6 +20,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# LoRA's up-projection weights, in peft's parameter names (Linear/Conv and Embedding layers)
+LORA_B_NAMES = ("lora_B.", "lora_embedding_B.")
+
+
+def lora_param_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, loraplus_lr_ratio: float | None
+                      ) -> list[dict]:
+    """The optimizer groups of one trained part: one group at `lr`, or with LoRA+ (loraplus_lr_ratio) the A
+    matrices (and anything else trained, e.g. DoRA's magnitudes) at `lr` and the B matrices at
+    `lr x ratio`, the split peft's create_loraplus_optimizer makes. Each group is named for the logs."""
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named], "lr": lr, "name": "lora"}]
+    b = [p for n, p in named if any(key in n for key in LORA_B_NAMES)]
+    a = [p for n, p in named if not any(key in n for key in LORA_B_NAMES)]
+    return [{"params": a, "lr": lr, "name": "lora_A"}, {"params": b, "lr": lr * loraplus_lr_ratio, "name": "lora_B"}]
+
+
 def build_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
     name = cfg.optimizer
     if name == "adamw":

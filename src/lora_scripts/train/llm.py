@@ -35,6 +35,7 @@ from lora_scripts.train.common import (
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
+    lora_param_groups,
 )
 from lora_scripts.train.drift import DriftCheck
 from lora_scripts.train.events import plot_loss_curve
@@ -219,8 +220,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         frozen_dtype = frozen_weights_dtype(cfg)
         weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
         cast_frozen = frozen_dtype is not None and store_frozen_linears_in(model, frozen_dtype, weights_folder)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(cfg, [{"params": params}])
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        optimizer = build_optimizer(cfg, lora_param_groups(named, cfg.learning_rate, cfg.loraplus_lr_ratio))
         scheduler = build_scheduler(cfg, optimizer, total_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         core = accelerator.unwrap_model(model)

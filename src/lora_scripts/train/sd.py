@@ -39,6 +39,7 @@ from lora_scripts.train.common import (
     build_scheduler,
     frozen_weights_dtype,
     lora_inputs_uncast,
+    lora_param_groups,
 )
 from lora_scripts.train.events import Events, plot_loss_curve
 from lora_scripts.train.plan import plan_steps, share_batches
@@ -239,9 +240,11 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         train_te, frozen_dtype = attach_adapters(cfg, model, run)
         unet_params = [p for p in unet.parameters() if p.requires_grad]
         te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+        groups = lora_param_groups([(n, p) for n, p in unet.named_parameters() if p.requires_grad],
+                                   cfg.learning_rate, cfg.loraplus_lr_ratio)
         if te_params:
-            groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
+            groups += lora_param_groups([(n, p) for te in model.text_encoders for n, p in te.named_parameters()
+                                         if p.requires_grad], cfg.text_encoder_lr, cfg.loraplus_lr_ratio)
 
         views = views_per_bucket([s.bucket for s in samples], repeats)
         plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(views, cfg.batch_size))
