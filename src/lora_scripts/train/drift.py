@@ -67,11 +67,14 @@ class DriftCheck:
 
     @classmethod
     def prepare(cls, peft_model, tokenizer, weights_folder: Path, max_seq_length: int,
-                loss_of: Callable[[list[textdata.Tokenized]], float]) -> DriftCheck:
-        """The answers and the base's figure, with the adapter switched off (right for a resumed run too)."""
+                loss_of: Callable[[list[textdata.Tokenized]], float], autocast) -> DriftCheck:
+        """The answers and the base's figure, with the adapter switched off (right for a resumed run too).
+        `autocast`: the run's (accelerator.autocast): under mixed precision the frozen weights are kept in
+        bf16/fp16, so the answers are generated the way the loss is computed."""
         prompts = drift_prompts()
         with peft_model.disable_adapter():
-            replies = base_replies(peft_model, tokenizer, weights_folder, prompts)
+            with autocast():
+                replies = base_replies(peft_model, tokenizer, weights_folder, prompts)
             samples = [textdata.Sample(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": r}])
                        for p, r in zip(prompts, replies)]
             data, _ = textdata.tokenize_all(tokenizer, samples, max_seq_length)
