@@ -249,8 +249,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         def loss_of(data: list[textdata.Tokenized]) -> float:
             return evaluate(model, data, cfg.batch_size, packed, pad_id, accelerator)
 
-        drift = (DriftCheck.prepare(core, tokenizer, weights_folder, cfg.max_seq_length, loss_of, accelerator.autocast)
-                 if cfg.drift_check else None)
+        drift = DriftCheck.prepare(core, tokenizer, weights_folder, cfg.max_seq_length, loss_of, accelerator.autocast) if cfg.drift_check else None
 
         def run_eval() -> None:  # the eval loss (with eval data) and the drift signal (train/drift.py)
             figures = drift.measure(loss_of, pos.step, events) if drift else {}
