@@ -186,7 +186,8 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, out: str, resolution
     if cached:
         pairs = [encode(pipe, [it.path], [it.caption], resolution, precision) for it in items]
         cache = [(lat[0], hid[0]) for lat, hid in pairs]
-        pipe.vae.to("cpu"), pipe.text_encoder.to("cpu")
+        pipe.vae.to("cpu")
+        pipe.text_encoder.to("cpu")
     t_cache = time.perf_counter() - t_cache
     times, losses = [], []
     pipe.unet.train()

@@ -30,7 +30,6 @@ from pathlib import Path
 TRANSIENT_FACTOR = 4
 # Optimizer state per trainable value (fp32 values): AdamW keeps two moments; 8-bit AdamW two bytes each
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16, "lion": 4, "sgd": 4}
-DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 GB = 1024**3
 
 
@@ -183,23 +182,34 @@ def trace_unet_step(unet, batch: int, latent_hw: tuple[int, int], precision: str
 def estimate_sd_memory(cfg, model_type: str, device: str, precision: str, bucket: tuple[int, int],
                        n_captions: int) -> MemoryEstimate:
     """The estimate for `cfg` on `device` in `precision` ("no" | "bf16" | "fp16"), at the largest bucket."""
-    from lora_scripts.models.sd import _frozen_layers, adapter_targets, lora_config_for
+    from lora_scripts.models.sd import (
+        _frozen_layers,
+        adapter_targets,
+        add_text_encoder_adapter,
+        lora_config_for,
+    )
+    from lora_scripts.train.common import frozen_weights_dtype
 
     configs = component_configs(cfg.base_model, model_type, cfg.model_config_dir)
     unet, vae, encoders = _meta_components(configs)
+    te_bytes = sum(_bytes(te) for te in encoders)  # the frozen encoders, before any LoRA
+    unet_targets, te_targets = adapter_targets(cfg)
+    trained = [unet]  # the adapters exactly as attach_adapters adds them, counted
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config_for(cfg, adapter_targets(cfg)[0]))
-    lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    unet.add_adapter(lora_config_for(cfg, unet_targets))
     train_te = cfg.text_encoder_lr is not None
     if train_te:
-        n_te = sum(p.numel() for te in encoders for p in te.parameters())
-        lora += round(n_te * cfg.lora_rank * 2 / 768 / 4)  # rough: q/k/v/out at rank r of width-768 layers
-    # store_frozen_layers_in: frozen Linear/Conv2d weights and biases in the autocast dtype (not for DoRA)
-    frozen = 4 if precision == "no" or cfg.lora_type == "dora" else DTYPE_BYTES[precision]
+        for te in encoders:
+            te.requires_grad_(False)
+            add_text_encoder_adapter(te, lora_config_for(cfg, te_targets))
+        trained += encoders
+    lora = sum(p.numel() for part in trained for p in part.parameters() if p.requires_grad)
+    # store_frozen_layers_in keeps the frozen Linear/Conv2d weights and biases in this dtype (None: fp32)
+    dtype = frozen_weights_dtype(cfg.model_copy(update={"mixed_precision": precision}))
+    frozen = dtype.itemsize if dtype is not None else 4
     layers = sum(t.numel() for m in _frozen_layers(unet).values() for t in (m.weight, m.bias) if t is not None)
     unet_bytes = _bytes(unet) - 4 * layers + frozen * layers
     state = OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
-    te_bytes = sum(_bytes(te) for te in encoders)
     on_device = {"UNet weights": unet_bytes, "LoRA + gradients + optimizer state": lora * (4 + 4 + state)}
     offloaded = {}
     augment = cfg.shuffle_caption or cfg.caption_dropout_rate > 0
