@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.data import text as td
 from lora_scripts.models.llm import load_llm
 from lora_scripts.train.llm import causal_lm_loss

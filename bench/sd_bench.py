@@ -90,7 +90,7 @@ def autocast(precision: str):
 
 
 def run_ours(model_dir: str, data_dir: str, steps: int, out: str, resolution: int, precision: str) -> dict:
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.train.sd import train_sd
 
     cfg = load_config(None, [

@@ -103,7 +103,7 @@ def sd_run(out: Path, precision: str) -> dict:
     import torch
     from sd_bench import build_full_sd15
 
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.train.sd import train_sd
 
     work = Path(os.environ.get("GPU_CHECK_WORK", tempfile.gettempdir())) / "lora-scripts-gpu-check"
@@ -186,7 +186,7 @@ def sd_memory(out: Path) -> dict:
     import torch
 
     import lora_scripts.train.sd_caches as caches
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.hardware import choose_precision
     from lora_scripts.memory import estimate_sd_memory
     from lora_scripts.train.sd import train_sd

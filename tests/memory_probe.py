@@ -17,7 +17,7 @@ from pathlib import Path
 import diffusers
 import torch
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.models.sd import adapter_targets, lora_config_for
 from lora_scripts.models.sd_configs import config_folder
 

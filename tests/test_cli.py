@@ -53,7 +53,7 @@ def test_every_command_has_help():
 
 
 def test_generate_answers_prompts_with_a_weighted_adapter(tiny_llama, pairs_csv, tmp_path, capsys):
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.train.llm import train_llm
 
     out = tmp_path / "a"

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_scripts.config import ConfigError, TrainConfig, load_config
+from lora_scripts.config import ConfigError, TrainConfig
+from lora_scripts.config_file import load_config
 from lora_scripts.config_rules import describe_keys
 
 REPO = Path(__file__).resolve().parents[1]

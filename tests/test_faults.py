@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_scripts.config import ConfigError, load_config
+from lora_scripts.config import ConfigError
+from lora_scripts.config_file import load_config
 from lora_scripts.data.images import CaptionFileError, read_caption_csv
 from lora_scripts.safety import RunLock, RunLockedError, UnsafeFileError, check_safetensors
 from lora_scripts.train import checkpoint
@@ -166,7 +167,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_no_valid_looking_checkpoint(ti
     out = tmp_path / "killed"
     script = f"""
 import os, signal
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.train import checkpoint, llm
 real = checkpoint.torch.save
 def save(obj, path, *a, **k):
@@ -270,7 +271,7 @@ def test_a_file_size_limit_is_reported_as_such(tmp_path):
 
 CPU_OOM = """
 import resource, sys, torch
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.train.errors import TrainingStopped
 from lora_scripts.train.run import start_run
 cfg = load_config(None, ["base_model=x", "output_dir={out}", "batch_size=8", "mixed_precision=no"])

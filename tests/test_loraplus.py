@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.train.common import lora_param_groups
 from lora_scripts.train.llm import train_llm
 from lora_scripts.train.sd import train_sd

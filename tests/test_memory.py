@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.memory import estimate_sd_memory, memory_knobs
 from lora_scripts.models.sd import build_tiny_sd, save_config_folder_for
 from lora_scripts.models.sd_configs import config_folder

@@ -116,7 +116,7 @@ def test_sd_frozen_layers_in_bf16_let_go_of_the_mapped_model_file(tmp_path):
 def test_sd_training_in_bf16_changes_the_model_only_while_it_runs(tiny_sd15, style_images, tmp_path, monkeypatch):
     """bf16 run with a text-encoder LoRA: in every step peft's casts are off and the frozen UNet layers are
     bf16; the returned model has the casts back on and exactly the base model's fp32 weights."""
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.train import sd as sd_train
 
     ckpt, cfg_dir = tiny_sd15
@@ -147,7 +147,7 @@ def test_sd_training_in_bf16_changes_the_model_only_while_it_runs(tiny_sd15, sty
 def test_llm_training_in_bf16_skips_the_casts_only_while_it_runs(tiny_llama, pairs_csv, tmp_path, monkeypatch):
     import peft
 
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.train import llm as llm_train
 
     built = []

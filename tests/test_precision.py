@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from lora_scripts import hardware
-from lora_scripts.config import ConfigError, load_config
+from lora_scripts.config import ConfigError
+from lora_scripts.config_file import load_config
 from lora_scripts.train.checkpoint import Position
 from lora_scripts.train.errors import TrainingStopped
 from lora_scripts.train.run import MAX_OVERFLOW_SKIPS, TrainingRun, start_accelerator

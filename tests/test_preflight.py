@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_description_config
-from lora_scripts.config import ConfigError, load_config
+from lora_scripts.config import ConfigError
+from lora_scripts.config_file import load_config
 from lora_scripts.data import images as imgdata
 from lora_scripts.hardware import device_type
 from lora_scripts.preflight import run_preflight
@@ -223,7 +224,7 @@ def test_validate_runs_without_torch_once_this_cpu_speed_is_known(tmp_path, pair
 
     from lora_scripts.hardware import GPU_DEVICE_FILES
 
-    code = (f"import sys; from lora_scripts.config import load_config; from lora_scripts.preflight import run_preflight; "
+    code = (f"import sys; from lora_scripts.config_file import load_config; from lora_scripts.preflight import run_preflight; "
             f"r = run_preflight(load_config(None, ['base_model={tiny_llama}', 'metadata_path={pairs_csv}', "
             f"'output_dir={tmp_path / 'o'}'])); assert r.ok and r.estimated_seconds > 0, r.render(); "
             f"print('torch' in sys.modules)")

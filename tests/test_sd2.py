@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.cli import main
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.models.detect import declared_prediction_type, detect_model_type
 from lora_scripts.models.sd import SDLoadError, build_tiny_sd, load_sd, save_single_file
 from lora_scripts.preflight import run_preflight

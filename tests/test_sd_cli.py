@@ -45,7 +45,7 @@ def test_lora_tag_parsing():
 
 
 def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
     from lora_scripts.models.sd import build_tiny_sd, load_sd, save_single_file
     from lora_scripts.tools.ops import convert
     from lora_scripts.train.sd import train_sd

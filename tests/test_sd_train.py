@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.data import sd_data
 from lora_scripts.data.buckets import make_buckets, nearest_bucket
 from lora_scripts.models.sd import load_sd

@@ -66,7 +66,7 @@ def _lora_specs(specs: list[str]) -> list[tuple[Path, float]]:
 
 
 def _load(args) -> object:
-    from lora_scripts.config import load_config
+    from lora_scripts.config_file import load_config
 
     extra = {"mixed_precision": "fp16"} if getattr(args, "fp16", False) else {}
     if getattr(args, "bf16", False):

@@ -8,13 +8,12 @@ run before an hour of training is spent with the default rank.
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ModelType = Literal["sd15", "sd2", "sdxl", "llm"]
 
@@ -118,9 +117,13 @@ class TrainConfig(BaseModel):
     """dtype of the exported image LoRA files (fp16 is what the WebUIs expect; fp32 for exact reloads)."""
 
     # ---- the adapter -----------------------------------------------------------------------------
-    lora_type: Literal["lora", "dora", "rslora"] = "lora"
+    lora_type: Literal["lora", "dora", "rslora", "adalora"] = "lora"
     """lora: classic LoRA. dora: weight-decomposed LoRA (often better at low rank, ~2x slower).
-    rslora: scale alpha/sqrt(rank) instead of alpha/rank, so high ranks keep learning."""
+    rslora: scale alpha/sqrt(rank) instead of alpha/rank, so high ranks keep learning.
+    adalora: AdaLoRA, which starts every module at adalora_init_rank and moves the rank budget to the
+    modules that matter during training, ending at an average of adalora_target_rank (LLMs; the UNet for
+    images, whose text encoders, when trained, get plain LoRA). Exported as a plain LoRA with a rank per
+    module, so it loads wherever LoRA files load."""
 
     lora_rank: int = Field(default=8, ge=1, le=1024)
     """Rank r of the update. 8-16 suits a style or a voice from 50-200 samples; 4 may under-fit and 64+
@@ -128,7 +131,34 @@ class TrainConfig(BaseModel):
 
     lora_alpha: float | None = Field(default=None, gt=0)
     """Scale of the update: delta W = (alpha / rank) * B A. Default 2 x rank. The value is written into
-    the exported file as-is, so other tools apply the same scale."""
+    the exported file as-is, so other tools apply the same scale. AdaLoRA (as peft) scales by
+    alpha / adalora_init_rank whatever rank a module ends with; its default is 2 x adalora_init_rank."""
+
+    lora_init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """How the adapter starts. default: peft's for LLMs (A random, B zero), kohya's gaussian for images.
+    gaussian: A ~ N(0, 1/rank), B zero. pissa: A and B from the top singular vectors of each weight (PiSSA:
+    the adapter trains the weight's principal part, often converging faster); olora: from its QR
+    decomposition (OLoRA). Both take that part out of the frozen weights while training, so the export
+    converts the adapter back (peft's conversion) to a plain LoRA of twice the rank against the original
+    model, which loads anywhere a LoRA does. LLM runs."""
+
+    adalora_target_rank: int | None = Field(default=None, ge=1)
+    """AdaLoRA: the average rank per module at the end of training. Default lora_rank."""
+
+    adalora_init_rank: int | None = Field(default=None, ge=1)
+    """AdaLoRA: every module's rank at the start, before the budget is cut. Default 1.5 x the target
+    rank (peft's 12 for 8)."""
+
+    adalora_tinit: int | None = Field(default=None, ge=0)
+    """AdaLoRA: optimizer steps trained at the initial rank before the budget starts to shrink. Default
+    10% of the run's steps (peft's worked example: 10, 20 of 100 steps)."""
+
+    adalora_tfinal: int | None = Field(default=None, ge=0)
+    """AdaLoRA: the last optimizer steps, trained with the final ranks fixed. Default 20% of the run's
+    steps. The budget shrinks in between, so adalora_tinit + adalora_tfinal must leave steps for it."""
+
+    adalora_delta_t: int = Field(default=1, ge=1)
+    """AdaLoRA: optimizer steps between two rank reallocations while the budget shrinks (peft's deltaT)."""
 
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA input; 0.05-0.1 helps against over-fitting very small datasets."""
@@ -294,6 +324,18 @@ class TrainConfig(BaseModel):
             problems.append("warmup_ratio and warmup_steps are both set; keep one of them")
         if self.scheduler == "constant" and (self.warmup_ratio or self.warmup_steps):
             problems.append("scheduler 'constant' has no warmup; use 'constant_with_warmup'")
+        # set to a value of their own (a resolved config.yaml writes every key, at its default)
+        if self.lora_init in ("pissa", "olora") and self.lora_type in ("dora", "adalora"):
+            problems.append(f"lora_init: {self.lora_init} starts a plain LoRA from the weights; lora_type "
+                            f"{self.lora_type} has its own start. Use lora_type: lora (or rslora)")
+        adalora_keys = sorted(k for k in self.model_fields_set if k.startswith("adalora_")
+                              and getattr(self, k) != type(self).model_fields[k].default)
+        if self.lora_type != "adalora" and adalora_keys:
+            problems.append(f"{', '.join(adalora_keys)} set but lora_type is {self.lora_type!r}; "
+                            "they apply to lora_type: adalora")
+        if self.lora_type == "adalora" and self.adalora_ranks[1] > self.adalora_ranks[0]:
+            problems.append(f"adalora_target_rank ({self.adalora_ranks[1]}) is above adalora_init_rank "
+                            f"({self.adalora_ranks[0]}): AdaLoRA only takes rank away")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -301,7 +343,28 @@ class TrainConfig(BaseModel):
     # ---- derived values --------------------------------------------------------------------------
     @property
     def alpha(self) -> float:
-        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+        if self.lora_alpha is not None:
+            return float(self.lora_alpha)
+        return 2.0 * (self.adalora_ranks[0] if self.lora_type == "adalora" else self.lora_rank)
+
+    @property
+    def mutates_base(self) -> bool:
+        """The adapter's start moves part of each frozen weight into it (PiSSA, OLoRA): the frozen weights in
+        memory are not the model files' while training."""
+        return self.lora_init in ("pissa", "olora")
+
+    @property
+    def adalora_ranks(self) -> tuple[int, int]:
+        """AdaLoRA's (initial rank, target average rank), defaults filled in."""
+        target = self.adalora_target_rank or self.lora_rank
+        return self.adalora_init_rank or max(target, round(1.5 * target)), target
+
+    def adalora_schedule(self, total_steps: int) -> tuple[int, int]:
+        """AdaLoRA's (tinit, tfinal) for a run of `total_steps` optimizer steps, defaults filled in. The
+        budget shrinks between them; the preflight checks that some steps are left for it."""
+        tinit = self.adalora_tinit if self.adalora_tinit is not None else int(0.1 * total_steps)
+        tfinal = self.adalora_tfinal if self.adalora_tfinal is not None else int(0.2 * total_steps)
+        return tinit, tfinal
 
     @property
     def name(self) -> str:
@@ -333,8 +396,6 @@ class TrainConfig(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-KNOWN_KEYS = tuple(TrainConfig.model_fields)
-
 # The words YAML 1.1 turns into booleans, and the keys whose valid values include one of them
 _YAML_TRUE, _YAML_FALSE = ("yes", "on", "true"), ("no", "off", "false")
 
@@ -357,94 +418,3 @@ def _boolean_words() -> dict[str, dict[bool, str | None]]:
 
 
 _BOOLEAN_WORDS = _boolean_words()
-
-
-def suggest_key(key: str) -> str | None:
-    match = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Line number (1-based) of every top-level key, read from the YAML node tree."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is read as YAML so `1e-4`, `true`, `[a, b]` work."""
-    if "=" not in item:
-        raise ConfigError(f"command line: '{item}' is not key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # e.g. `sample_prompts=[Why?]` is not valid YAML: keep the text; validation judges it
-    return key, value
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
-    """Read a YAML config, apply `key=value` overrides, and validate strictly.
-
-    Raises ConfigError with one line per problem, e.g.
-    `configs/a.yaml:3: lora_rnak: unknown key; did you mean lora_rank?`.
-    """
-    data: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of key: value lines")
-        data.update(loaded)
-        where.update({k: f"{path}:{line}" for k, line in _key_lines(text).items()})
-    for item in overrides or []:
-        key, value = parse_override(item)
-        data[key] = value
-        where[key] = "command line"
-    for key, value in extra.items():
-        if value is not None:
-            data[key] = value
-            where[key] = "command line"
-
-    try:
-        return TrainConfig(**data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, where, source)) from None
-
-
-def _format_errors(exc: ValidationError, where: dict[str, str], source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = err.get("loc") or ()
-        key = str(loc[0]) if loc else ""
-        place = where.get(key, source)
-        if err["type"] == "extra_forbidden":
-            hint = suggest_key(key)
-            msg = f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
-        elif err["type"] == "missing":
-            msg = f"{key}: required key is missing"
-        elif not key:
-            msg = err["msg"].removeprefix("Value error, ")
-        else:
-            value = err.get("input")
-            msg = f"{key}: {err['msg'].removeprefix('Value error, ')} (got {value!r})"
-            if isinstance(value, bool) and err["type"] == "literal_error":
-                msg += "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write one of the words above"
-        lines.append(f"{place}: {msg}")
-    return "\n".join(lines)

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from lora_scripts.config import load_config
+from lora_scripts.config_file import load_config
 from lora_scripts.data.text import load_samples
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.preflight import run_preflight

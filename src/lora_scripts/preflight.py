@@ -297,6 +297,8 @@ def run_preflight(cfg: TrainConfig) -> Report:
     warmup = cfg.warmup_for(plan.total_steps)
     if warmup >= plan.total_steps:
         report.error(f"warmup of {warmup} steps is not shorter than the {plan.total_steps} training steps")
+    if cfg.lora_type == "adalora":
+        check_adalora_schedule(cfg, plan.total_steps, report)
     if cfg.save_steps > plan.total_steps:
         report.warn(f"save_steps={cfg.save_steps} is larger than the {plan.total_steps} total steps: only the final "
                     "checkpoint will be written")
@@ -304,6 +306,19 @@ def run_preflight(cfg: TrainConfig) -> Report:
     if model_type != "llm":
         check_sd_memory(cfg, model_type, report)
     return report
+
+
+def check_adalora_schedule(cfg: TrainConfig, total_steps: int, report: Report) -> None:
+    """AdaLoRA's budget shrinks between step tinit and step total - tfinal: peft refuses a schedule that
+    leaves no step for it, after the model has loaded; here it is said first, with the numbers."""
+    tinit, tfinal = cfg.adalora_schedule(total_steps)
+    init_r, target_r = cfg.adalora_ranks
+    if tinit >= total_steps - tfinal:
+        report.error(f"AdaLoRA: adalora_tinit ({tinit}) + adalora_tfinal ({tfinal}) leave none of the {total_steps} "
+                     "training steps for cutting the rank budget; lower them or train longer")
+        return
+    report.info(f"AdaLoRA: rank {init_r} per module for {tinit} steps, cut to an average of {target_r} by step "
+                f"{total_steps - tfinal}, then fixed for the last {tfinal} steps")
 
 
 def check_sd_memory(cfg: TrainConfig, model_type: str, report: Report) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lora_scripts.export.adalora import adalora_peft_set
 from lora_scripts.export.kohya import BASE_VERSION
 from lora_scripts.export.lora_files import LoraFormatError, peft_layout
 from lora_scripts.export.lora_set import LoraSet
@@ -45,6 +46,12 @@ def diffusers_components_of_model(unet, text_encoders: list, dtype: torch.dtype)
     from peft.utils import get_peft_model_state_dict
 
     def component(module) -> tuple[dict[str, torch.Tensor], dict]:
+        if module.peft_config["default"].peft_type == "ADALORA":  # as the plain LoRA it computes
+            modules = adalora_peft_set(module)[0].modules
+            tensors, fields = peft_layout(modules)
+            # the modules by full path: diffusers warns about any targeted module without tensors, and a
+            # module that lost every triplet has none
+            return {k: v.to(dtype) for k, v in tensors.items()}, {**fields, "target_modules": sorted(modules)}
         tensors = {k: v.detach().to("cpu", dtype) for k, v in get_peft_model_state_dict(module).items()}
         return tensors, module.peft_config["default"].to_dict()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
+from lora_scripts.export.adalora import adalora_module, is_adalora_layer
 from lora_scripts.export.lora_set import LoraModule, LoraSet
 from lora_scripts.export.scale import file_alpha
 from lora_scripts.models.sd_convert import unet_module_to_original, unet_prefix_map
@@ -48,6 +49,10 @@ def kohya_lora_set(unet, text_encoders: list, model_type: str, adapter: str = "d
     pm = unet_prefix_map(dict(unet.config)) if model_type == "sdxl" else None
 
     def add(key: str, mod) -> None:
+        if is_adalora_layer(mod):  # the plain LoRA of the rank the module kept; none when it kept none
+            if (module := adalora_module(mod, adapter)) is not None:
+                modules[key] = module
+            return
         down = mod.lora_A[adapter].weight.detach().cpu()
         up = mod.lora_B[adapter].weight.detach().cpu()
         # readers compute alpha / rank: the alpha that reproduces peft's scale (export/scale.py)
@@ -112,7 +117,11 @@ def training_metadata(cfg, model_type: str, tag_frequency: dict, n_images: int, 
                       has_te: bool, rank: int) -> dict[str, str]:
     # the alpha the file's tensors carry (rsLoRA's alpha / sqrt(r) scale expressed over r), not the config's
     alpha = file_alpha(cfg.alpha, rank, cfg.lora_type == "rslora")
+    if cfg.lora_type == "adalora":  # every module's alpha is init_r, the rest folded in (export/adalora.py)
+        alpha = float(rank)
     network_args = {"conv_dim": str(rank), "conv_alpha": str(alpha)} if cfg.train_unet_conv else {}
+    if cfg.lora_type == "adalora":  # ranks differ per module: the file's shapes say which
+        network_args.update({"adalora_init_rank": str(rank), "adalora_target_rank": str(cfg.adalora_ranks[1])})
     if cfg.lora_type == "dora":
         network_args["dora_wd"] = "True"
     if cfg.loraplus_lr_ratio:  # kohya passes LoRA+ as a network argument of the same name

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.models.adalora import adalora_config
 from lora_scripts.models.detect import SD2_PREDICTION_UNKNOWN, declared_prediction_type
 from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
@@ -256,8 +257,16 @@ def adapter_targets(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return list(unet), list(te)
 
 
-def lora_config_for(cfg: TrainConfig, targets: list[str]):
+def lora_config_for(cfg: TrainConfig, targets: list[str], total_steps: int | None = None):
+    """The peft config of an adapter on `targets`: AdaLoRA's for the UNet when lora_type is adalora and
+    `total_steps` (the planned optimizer steps) is given, else LoRA's (text encoders: always)."""
     from peft import LoraConfig
+
+    if cfg.lora_type == "adalora" and total_steps is not None:
+        return adalora_config(cfg, targets, total_steps)
+    if cfg.lora_type == "adalora":  # the text encoders of an AdaLoRA run: plain LoRA at lora_rank
+        return LoraConfig(r=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank if cfg.lora_alpha is None else cfg.alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=targets, init_lora_weights="gaussian")
 
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       init_lora_weights="gaussian", use_dora=cfg.lora_type == "dora",

@@ -111,13 +111,15 @@ def save_checkpoint(
     scaler=None,
     rng_ranks: list[dict[str, torch.Tensor]] | None = None,
     record: dict | None = None,
+    hook_states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically.
 
     Everything goes into a hidden temporary folder first; a COMPLETE.json with each file's size and
     sha256 is written last, the files and folder are fsynced, and one rename makes the checkpoint
     visible. A kill at any moment leaves either the previous state or a complete new checkpoint.
-    `record`: what the run keeps beside its position in state.json (the data fingerprint, the best eval).
+    `record`: what the run keeps beside its position in state.json (the data fingerprint, the best eval);
+    `hook_states`: {file stem: tensors} of the run's step hooks (AdaLoRA's scores), one file each.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{pos.step:06d}"
@@ -126,7 +128,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     previous = list_checkpoints(output_dir)
     try:
-        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks, record)
+        _write_checkpoint(tmp, pos, model, optimizer, scheduler, cfg, export_fn, scaler, rng_ranks, record,
+                          hook_states or {})
     except (OSError, RuntimeError, SafetensorError) as exc:
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
@@ -171,10 +174,12 @@ def _out_of_space(exc: BaseException, output_dir: Path, need: int) -> str | None
 
 
 def _write_checkpoint(tmp: Path, pos: Position, model, optimizer, scheduler, cfg: TrainConfig, export_fn, scaler,
-                      rng_ranks, record) -> None:
+                      rng_ranks, record, hook_states) -> None:
     tmp.mkdir(parents=True)
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    for stem, tensors in hook_states.items():
+        save_file(tensors, str(tmp / f"{stem}.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     save_rng_state(tmp, rng_ranks)
@@ -293,7 +298,7 @@ def resume_differences(state: dict, cfg: TrainConfig, data: dict | None) -> list
 
 
 def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, scheduler, events, scaler=None,
-                    rank: int = 0, data: dict | None = None) -> tuple[Position, dict]:
+                    rank: int = 0, data: dict | None = None, hooks=()) -> tuple[Position, dict]:
     """(Position(), {}) for a fresh run, or the restored position of `resume_from` (weights, optimizer,
     schedule, loss scale and RNG loaded) and its state.json. `latest` with no checkpoint yet starts fresh,
     with a warning. A checkpoint written with other settings or data is refused, naming each difference
@@ -313,12 +318,14 @@ def resume_position(cfg: TrainConfig, model: torch.nn.Module, optimizer, schedul
                           "resume_force: true to continue anyway")
     for change in changes:
         events.emit("warning", message=f"resume_force: continuing although {change}")
-    pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank)
+    pos = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, rank, hooks)
     events.emit("info", message=f"resumed from {ckpt} at step {pos.step} (epoch {pos.epoch + 1})")
     return pos, state
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None, rank: int = 0) -> Position:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None, rank: int = 0,
+                    hooks=()) -> Position:
+    """Restore a checkpoint into the run's model, optimizer, schedule, loss scale, RNG and step hooks."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -337,6 +344,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, sc
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    for hook in hooks:
+        if not (path / f"{hook.state_file}.safetensors").exists():
+            raise ResumeError(f"{path}: has no {hook.state_file}.safetensors, which this run's adapter needs; "
+                              "was lora_type changed?")
+        hook.load_state_dict(load_file(str(path / f"{hook.state_file}.safetensors")))
     load_rng_state(path, rank)
     state = json.loads((path / "state.json").read_text())
     if scaler is not None and "grad_scaler" in state:

@@ -7,6 +7,7 @@ train/checkpoint.py (checkpoints and resume), train/plan.py (step planning), tra
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -81,6 +82,22 @@ def lora_inputs_uncast(model: torch.nn.Module, mixed_precision: str):
     return disable_input_dtype_casting(model, active=mixed_precision != "no")
 
 
+@contextmanager
+def weights_swapped(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
+    """Inside: the named parameters hold `weights`; on exit their own values come back."""
+    params = dict(model.named_parameters())
+    own = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in own.items():
+                params[n].copy_(t)
+
+
 # The config's precision names (mixed_precision, save_precision) as torch dtypes
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -88,9 +105,10 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 def frozen_weights_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """The dtype frozen weights are kept in while training: autocast's under mixed precision, else None.
 
-    Not for DoRA either: it reads the base weights themselves (their norms), which must stay exact.
+    Not for DoRA either: it reads the base weights themselves (their norms), which must stay exact. Nor for
+    PiSSA/OLoRA: their residual weights are no longer the model file's, from which the cast is undone.
     """
-    if cfg.mixed_precision == "no" or cfg.lora_type == "dora":
+    if cfg.mixed_precision == "no" or cfg.lora_type == "dora" or cfg.mutates_base:
         return None
     return DTYPES[cfg.mixed_precision]
 

@@ -67,12 +67,14 @@ class DriftCheck:
 
     @classmethod
     def prepare(cls, peft_model, tokenizer, weights_folder: Path, max_seq_length: int,
-                loss_of: Callable[[list[textdata.Tokenized]], float], autocast) -> DriftCheck:
-        """The answers and the base's figure, with the adapter switched off (right for a resumed run too).
-        `autocast`: the run's (accelerator.autocast): under mixed precision the frozen weights are kept in
-        bf16/fp16, so the answers are generated the way the loss is computed."""
+                loss_of: Callable[[list[textdata.Tokenized]], float], autocast, as_base=None) -> DriftCheck:
+        """The answers and the base's figure, with the model as the base (right for a resumed run too):
+        `as_base()` is a context in which it is, by default the adapter switched off (PiSSA/OLoRA runs, whose
+        frozen weights are the residual, pass their initial adapter put back instead). `autocast`: the run's
+        (accelerator.autocast): under mixed precision the frozen weights are kept in bf16/fp16, so the
+        answers are generated the way the loss is computed."""
         prompts = drift_prompts()
-        with peft_model.disable_adapter():
+        with (as_base or peft_model.disable_adapter)():
             with autocast():
                 replies = base_replies(peft_model, tokenizer, weights_folder, prompts)
             samples = [textdata.Sample(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": r}])

@@ -117,6 +117,17 @@ def _describe(event: dict) -> str:
     return f"[{kind}] {event.get('message', '')}"
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}
+
+
+def adapter_title(cfg) -> str:
+    """The adapter in a few words, for plot titles: `LoRA r=8`, `AdaLoRA r=12->8`."""
+    if cfg.lora_type == "adalora":
+        init_r, target_r = cfg.adalora_ranks
+        return f"AdaLoRA r={init_r}->{target_r}"
+    return f"{ADAPTER_NAMES[cfg.lora_type]} r={cfg.lora_rank}"
+
+
 def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path | None:
     """Train loss per step (raw and smoothed), eval loss and retention (the drift signal) per epoch, as a PNG."""
     steps = [(e["step"], e["loss"]) for e in history if e["event"] == "step"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lora_scripts.config import TrainConfig
 from lora_scripts.data import text as textdata
 from lora_scripts.data.split import split_eval
+from lora_scripts.export.peft import write_llm_adapter
 from lora_scripts.llm_generate import generate_replies
 from lora_scripts.models import packed_attention
 from lora_scripts.models.llm import (
@@ -26,8 +27,10 @@ from lora_scripts.models.llm import (
     lora_config_for,
     resolve_llm_path,
     restore_frozen_linears,
+    save_initial_adapter,
     store_frozen_linears_in,
 )
+from lora_scripts.train.adalora import RankBudget
 from lora_scripts.train.checkpoint import replace_folder
 from lora_scripts.train.chunked_ce import linear_cross_entropy
 from lora_scripts.train.common import (
@@ -36,9 +39,10 @@ from lora_scripts.train.common import (
     frozen_weights_dtype,
     lora_inputs_uncast,
     lora_param_groups,
+    weights_swapped,
 )
 from lora_scripts.train.drift import DriftCheck
-from lora_scripts.train.events import plot_loss_curve
+from lora_scripts.train.events import adapter_title, plot_loss_curve
 from lora_scripts.train.plan import plan_steps
 from lora_scripts.train.run import start_run
 
@@ -187,9 +191,38 @@ def tokenize_for(model, tokenizer, train_samples: list[textdata.Sample], eval_sa
     return train_data, eval_data, stats
 
 
-def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
+@dataclass
+class Adapter:
+    model: object  # the PeftModel
+    weights_folder: Path  # the base model's files
+    cast_frozen: bool  # frozen linears kept in the autocast dtype (store_frozen_linears_in)
+    budget: RankBudget | None = None  # AdaLoRA's rank schedule
+    initial: Path | None = None  # PiSSA/OLoRA: the adapter as initialised, on disk for the export's conversion
+    start: dict[str, torch.Tensor] | None = None  # and in memory: with it in place the model is the base
+
+
+def attach_adapter(cfg: TrainConfig, model, run, total_steps: int) -> Adapter:
+    """The run's adapter on the frozen model (gradient checkpointing first, where asked), peft's input casts
+    off while the run lasts, the frozen linears in the training dtype where that is exact."""
     from peft import get_peft_model
 
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config_for(cfg, model, total_steps))
+    budget = RankBudget(model.base_model) if cfg.lora_type == "adalora" else None
+    # PiSSA/OLoRA: the start is saved before a resume loads trained weights into it
+    initial = run.out_dir / "initial_adapter" if cfg.mutates_base else None
+    start = save_initial_adapter(model, initial, run.accelerator.is_main_process) if initial else None
+    run.during(lora_inputs_uncast(model, cfg.mixed_precision))
+    frozen_dtype = frozen_weights_dtype(cfg)
+    weights_folder = resolve_llm_path(cfg.base_model, log=run.events.print)
+    cast = frozen_dtype is not None and store_frozen_linears_in(model, frozen_dtype, weights_folder)
+    return Adapter(model, weights_folder, cast, budget, initial, start)
+
+
+def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainResult:
     with start_run(cfg, "llm", callback, progress) as run:  # mixed_precision: auto resolved for this machine
         cfg, accelerator, events, out_dir = run.cfg, run.accelerator, run.events, run.out_dir
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -211,15 +244,8 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             plan.batches_per_rank, plan.steps_per_epoch, plan.total_steps, plan.epochs)
 
         # ---- adapter, optimizer, schedule --------------------------------------------------------
-        model.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config_for(cfg, model))
-        run.during(lora_inputs_uncast(model, cfg.mixed_precision))
-        frozen_dtype = frozen_weights_dtype(cfg)
-        weights_folder = resolve_llm_path(cfg.base_model, log=events.print)
-        cast_frozen = frozen_dtype is not None and store_frozen_linears_in(model, frozen_dtype, weights_folder)
+        adapter = attach_adapter(cfg, model, run, total_steps)
+        model, budget, weights_folder = adapter.model, adapter.budget, adapter.weights_folder
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         optimizer = build_optimizer(cfg, lora_param_groups(named, cfg.learning_rate, cfg.loraplus_lr_ratio))
@@ -228,10 +254,10 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         core = accelerator.unwrap_model(model)
 
         def export_adapter(folder: Path) -> None:
-            core.save_pretrained(folder, safe_serialization=True)
+            write_llm_adapter(core, folder, adapter.initial)
 
         run.track([model], core, params, optimizer, scheduler, total_steps, export_adapter,
-                  export_best=lambda: replace_folder(out_dir / "best", export_adapter))
+                  export_best=lambda: replace_folder(out_dir / "best", export_adapter), hooks=[budget] if budget else [])
         pos = run.resume([[s.text, s.messages] for s in train_samples])
 
         n_trainable = sum(p.numel() for p in params)
@@ -249,7 +275,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         def loss_of(data: list[textdata.Tokenized]) -> float:
             return evaluate(model, data, cfg.batch_size, packed, pad_id, accelerator)
 
-        drift = DriftCheck.prepare(core, tokenizer, weights_folder, cfg.max_seq_length, loss_of, accelerator.autocast) if cfg.drift_check else None
+        as_base = (lambda: weights_swapped(core, adapter.start)) if adapter.start else None  # PiSSA/OLoRA
+        drift = DriftCheck.prepare(core, tokenizer, weights_folder, cfg.max_seq_length, loss_of, accelerator.autocast,
+                                   as_base) if cfg.drift_check else None
 
         def run_eval() -> None:  # the eval loss (with eval data) and the drift signal (train/drift.py)
             figures = drift.measure(loss_of, pos.step, events) if drift else {}
@@ -279,7 +307,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
                     filler += int(batch["input_ids"].numel()) - real
                     with run.micro_batch(last=micro == len(group) - 1), accelerator.autocast():
                         loss, _ = causal_lm_loss(model, batch)
-                        run.backward(loss, len(group))
+                        run.backward((loss + budget.penalty()) if budget else loss, len(group))
                     group_loss += loss.detach() / len(group)
                 run.step(pos, group_loss, {"tokens": tokens, "filler_tokens": filler}, rate="tokens")
                 if pos.step >= total_steps:
@@ -298,7 +326,9 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             export_adapter(out_dir)
             if sample_prompts:
                 write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator, final=True)
-            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
+            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
+            if budget:
+                events.emit("info", message=budget.summary())
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
                         precision=cfg.mixed_precision, adapter=str(out_dir / "adapter_model.safetensors"),
                         **run.best_summary())
@@ -306,7 +336,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
         # Without accelerate's autocast wrapper, so the caller gets the plain fp32 model that was saved.
         plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         return TrainResult(out_dir, out_dir, pos.step, run.last_loss, run.eval_losses, events.history, plain, tokenizer,
-                           weights_folder if cast_frozen else None, run.skipped_steps)
+                           weights_folder if adapter.cast_frozen else None, run.skipped_steps)
 
 
 def write_samples(model, tokenizer, prompts, cfg, pos, events, out_dir: Path, accelerator, final: bool = False) -> None:

@@ -243,13 +243,17 @@ class TrainingRun:
     # ---- what is trained ------------------------------------------------------------------------------
 
     def track(self, models: list[torch.nn.Module], state: torch.nn.Module, params: list[torch.nn.Parameter],
-              optimizer, scheduler, total_steps: int, export=None, export_best=None) -> None:
+              optimizer, scheduler, total_steps: int, export=None, export_best=None, hooks=()) -> None:
         """`models`: the prepared (possibly DDP-wrapped) modules the loop calls; `state`: one module holding
         every trainable part under stable names, for checkpoints; `export(folder)`: the family's own files,
-        written into each checkpoint; `export_best()`: the family's best-so-far file (save_best)."""
+        written into each checkpoint; `export_best()`: the family's best-so-far file (save_best); `hooks`:
+        what must see each optimizer step before the gradients are zeroed (AdaLoRA's RankBudget), each with
+        `after_update(step, applied)` and a state (`state_file`, `state_dict()`, `load_state_dict()`) that
+        checkpoints carry."""
         self.models, self.state, self.params = models, state, params
         self.optimizer, self.scheduler, self.total_steps, self.export = optimizer, scheduler, total_steps, export
         self.export_best = export_best
+        self.hooks = list(hooks)
 
     def resume(self, data_rows: list) -> Position:
         """Position() for a fresh run, or the restored one of `resume_from`; `data_rows` (JSON-able, one per
@@ -259,7 +263,7 @@ class TrainingRun:
         acc = self.accelerator
         self.data = data_fingerprint(data_rows)
         pos, state = resume_position(self.cfg, self.state, self.optimizer, self.scheduler, self.events, acc.scaler,
-                                     acc.process_index, self.data)
+                                     acc.process_index, self.data, self.hooks)
         self.best = state.get("best")  # the lowest eval so far survives a resume, so save_best stays right
         if pos.step == 0 and acc.process_index > 0:
             torch.manual_seed(self.cfg.seed + 1_000_003 * acc.process_index)
@@ -345,6 +349,8 @@ class TrainingRun:
         # ones. With max_grad_norm null the norm is still measured (an infinite bound clips nothing).
         grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf))
         skipped = self._update(pos.step + 1, loss_value, grad_norm)
+        for hook in self.hooks:
+            hook.after_update(pos.step + 1, applied=not skipped)
         with warnings.catch_warnings():
             # A skipped step still spends its share of the schedule (the plan counts steps, not updates);
             # torch warns when the very first step was skipped, which is loss scaling at work, not a bug.
@@ -404,7 +410,8 @@ class TrainingRun:
         if acc.is_main_process:
             path = save_checkpoint(self.out_dir, pos, self.state, self.optimizer, self.scheduler, self.cfg,
                                    self.export, keep=self.cfg.save_total_limit, scaler=acc.scaler,
-                                   rng_ranks=rng_ranks, record={"data": self.data, "best": self.best})
+                                   rng_ranks=rng_ranks, record={"data": self.data, "best": self.best},
+                                   hook_states={h.state_file: h.state_dict() for h in self.hooks})
             self.events.emit("checkpoint", step=pos.step, path=str(path))
         acc.wait_for_everyone()
         return path

@@ -32,6 +32,7 @@ from lora_scripts.models.sd import (
     sdxl_time_ids,
     store_frozen_layers_in,
 )
+from lora_scripts.train.adalora import RankBudget
 from lora_scripts.train.checkpoint import Position
 from lora_scripts.train.common import (
     DTYPES,
@@ -41,7 +42,7 @@ from lora_scripts.train.common import (
     lora_inputs_uncast,
     lora_param_groups,
 )
-from lora_scripts.train.events import Events, plot_loss_curve
+from lora_scripts.train.events import Events, adapter_title, plot_loss_curve
 from lora_scripts.train.plan import plan_steps, share_batches
 from lora_scripts.train.run import start_run
 from lora_scripts.train.sd_caches import PromptEncoder, build_caches, unparked
@@ -91,15 +92,24 @@ def step_generators(cfg: TrainConfig, step: int, index: int) -> tuple[torch.Gene
     return torch.Generator().manual_seed(seed), random.Random(seed)
 
 
-def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.dtype | None]:
+def attach_adapters(cfg: TrainConfig, model: SDModel, run, total_steps: int
+                    ) -> tuple[bool, torch.dtype | None, RankBudget | None]:
     """LoRA on the UNet (and the text encoders when text_encoder_lr is set), everything else frozen; peft's
-    input casts off while the run lasts; frozen UNet layers in the training dtype. Returns (text encoders
-    trained, the frozen layers' dtype or None)."""
+    input casts off while the run lasts; frozen UNet layers in the training dtype. With lora_type adalora the
+    UNet gets AdaLoRA, through peft's AdaLoraModel (its rank allocator comes with it; diffusers'
+    add_adapter only injects layers). Returns (text encoders trained, the frozen layers' dtype or None,
+    AdaLoRA's rank budget or None)."""
     unet = model.unet
     for part in [unet, model.vae, *model.text_encoders]:
         part.requires_grad_(False)
     unet_targets, te_targets = adapter_targets(cfg)
-    unet.add_adapter(lora_config_for(cfg, unet_targets))
+    budget = None
+    if cfg.lora_type == "adalora":
+        from peft.tuners.adalora import AdaLoraModel
+
+        budget = RankBudget(AdaLoraModel(unet, lora_config_for(cfg, unet_targets, total_steps), "default"))
+    else:
+        unet.add_adapter(lora_config_for(cfg, unet_targets))
     train_te = cfg.text_encoder_lr is not None
     if train_te:
         for te in model.text_encoders:
@@ -111,7 +121,7 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run) -> tuple[bool, torch.
     frozen_dtype = frozen_weights_dtype(cfg)
     if frozen_dtype is not None:
         store_frozen_layers_in(unet, frozen_dtype)
-    return train_te, frozen_dtype
+    return train_te, frozen_dtype, budget
 
 
 def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items,
@@ -124,7 +134,8 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
     dtype = DTYPES[cfg.save_precision]
     metadata = training_metadata(
         cfg, model_type, tag_frequency({str(cfg.train_data_dir): [it.caption or "" for it in items]}),
-        len(items), plan.total_steps, plan.epochs, train_te, cfg.lora_rank)
+        len(items), plan.total_steps, plan.epochs, train_te,
+        cfg.adalora_ranks[0] if cfg.lora_type == "adalora" else cfg.lora_rank)
 
     text_encoders = model.text_encoders if train_te else []
 
@@ -237,7 +248,10 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         model = load_sd(cfg.base_model, model_type, cfg.model_config_dir, cfg.v_parameterization)
         unet, vae = model.unet, model.vae
         vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAEs overflow to NaN; encoding is cached anyway
-        train_te, frozen_dtype = attach_adapters(cfg, model, run)
+        views = views_per_bucket([s.bucket for s in samples], repeats)
+        plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(views, cfg.batch_size))
+        total_steps = plan.total_steps
+        train_te, frozen_dtype, budget = attach_adapters(cfg, model, run, total_steps)
         unet_params = [p for p in unet.parameters() if p.requires_grad]
         te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad]
         groups = lora_param_groups([(n, p) for n, p in unet.named_parameters() if p.requires_grad],
@@ -245,10 +259,6 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         if te_params:
             groups += lora_param_groups([(n, p) for te in model.text_encoders for n, p in te.named_parameters()
                                          if p.requires_grad], cfg.text_encoder_lr, cfg.loraplus_lr_ratio)
-
-        views = views_per_bucket([s.bucket for s in samples], repeats)
-        plan = plan_steps(sum(repeats), cfg, world, batches_per_epoch(views, cfg.batch_size))
-        total_steps = plan.total_steps
         optimizer = build_optimizer(cfg, groups)
         lr_sched = build_scheduler(cfg, optimizer, total_steps)
         noise_sched = DDPMScheduler.from_config(model.pipe.scheduler.config, prediction_type=model.prediction_type)
@@ -264,7 +274,8 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
         export, export_best = exporter(cfg, model, model_type, train_te, items, plan)
-        run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export, export_best)
+        run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export, export_best,
+                  hooks=[budget] if budget else [])
         pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
 
         # ---- caches ----------------------------------------------------------------------------------------
@@ -297,7 +308,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
                 for micro, indices in enumerate(group):
                     with run.micro_batch(last=micro == len(group) - 1):
                         loss = loss_of([samples[i] for i in indices], pos.step, micro * world + rank)
-                        run.backward(loss, len(group))
+                        run.backward((loss + budget.penalty()) if budget else loss, len(group))
                     group_loss += loss.detach() / len(group)
                     views += len(indices)
                 run.step(pos, group_loss, {"images": views}, rate="images")
@@ -322,7 +333,9 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             export(out_dir)
             with unparked(parked, accelerator.device):
                 write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
-            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: LoRA r={cfg.lora_rank}")
+            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
+            if budget:
+                events.emit("info", message=budget.summary())
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,
                         precision=cfg.mixed_precision, lora=str(lora_file), **run.best_summary())
         accelerator.wait_for_everyone()
