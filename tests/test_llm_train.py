@@ -140,7 +140,8 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tiny_llama, pairs_csv, tmp
 
 
 def test_two_rank_cpu_ddp_trains_one_output(tiny_llama, pairs_csv, tmp_path):
-    """`train --num-processes 2` relaunches itself under torchrun: 2 CPU ranks over gloo, one output.
+    """`train --accelerate-config configs/accelerate/ddp.yaml` relaunches itself under `accelerate launch`
+    with the shipped file: 2 CPU ranks over gloo, one output.
 
     Run as a subprocess: forking ranks from a pytest process whose OpenMP pool is already running can hang.
     """
@@ -150,8 +151,9 @@ def test_two_rank_cpu_ddp_trains_one_output(tiny_llama, pairs_csv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["ACCELERATE_USE_CPU"] = "1"  # CPU ranks also where one GPU is visible
     repo = Path(__file__).resolve().parents[1]  # through the train.py wrapper, as the README writes it
-    proc = subprocess.run([sys.executable, str(repo / "train.py"), "--config", str(cfg), "--num-processes", "2",
-                           "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, str(repo / "train.py"), "--config", str(cfg), "--accelerate-config",
+                           str(repo / "configs" / "accelerate" / "ddp.yaml"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
@@ -160,6 +162,41 @@ def test_two_rank_cpu_ddp_trains_one_output(tiny_llama, pairs_csv, tmp_path):
     assert start["total_steps"] == 6 and [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert (out / "adapter_model.safetensors").exists()
     assert proc.stdout.count("done: 6 steps") == 1  # only rank 0 reports
+
+
+def test_launch_commands(tmp_path):
+    """`--num-processes N` alone: torchrun on this machine; with an accelerate config: `accelerate launch`
+    with the file, N overriding its count; a missing file is named."""
+    from lora_scripts.launch import LaunchError, launch_command
+
+    train = ["--config", "c.yaml", "lr=1"]
+    assert launch_command(4, train)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                                            "-m", "lora_scripts.cli", "train", *train]
+    acc = tmp_path / "ddp.yaml"
+    acc.write_text("distributed_type: MULTI_GPU\n")
+    assert launch_command(1, train, str(acc))[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(acc),
+                                                      "-m", "lora_scripts.cli", "train", *train]
+    assert "--num_processes=8" in launch_command(8, train, str(acc))
+    with pytest.raises(LaunchError, match="no-such.yaml: no such file"):
+        launch_command(2, train, str(tmp_path / "no-such.yaml"))
+
+
+def test_sharded_launches_are_refused_before_any_work():
+    """accelerate enables FSDP/DeepSpeed only on GPU machines; what a run does under each of its distributed
+    types is decided here: data-parallel and single-process types train, sharded ones are refused."""
+    from accelerate.utils import DistributedType
+
+    from lora_scripts.train.errors import UnsupportedLaunchError
+    from lora_scripts.train.run import check_distributed_type
+
+    refused = []
+    for kind in DistributedType:
+        try:
+            check_distributed_type(str(kind.value))
+        except UnsupportedLaunchError as exc:
+            assert "configs/accelerate/ddp.yaml" in str(exc)
+            refused.append(kind.value)
+    assert sorted(refused) == ["DEEPSPEED", "FSDP", "MEGATRON_LM"]
 
 
 RELOAD_SCRIPT = textwrap.dedent("""

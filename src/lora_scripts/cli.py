@@ -46,11 +46,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.models.sd import SDLoadError
     from lora_scripts.safety import RunLockedError, UnsafeFileError
     from lora_scripts.sd_generate import LoraTagError
-    from lora_scripts.train.errors import ResumeError
+    from lora_scripts.train.errors import ResumeError, UnsupportedLaunchError
 
     return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,
             ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError, LoraTagError,
-            FileNotFoundError)
+            UnsupportedLaunchError, FileNotFoundError)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -86,6 +86,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="alias of mixed_precision=fp16 (GPU)")
     p.add_argument("--bf16", action="store_true", help="alias of mixed_precision=bf16")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (GPUs, or CPU ranks over gloo)")
+    p.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="run under `accelerate launch --config_file FILE` (configs/accelerate/ddp.yaml; several "
+                        "machines: see the README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (events still go to events.jsonl)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. learning_rate=1e-4")
 
@@ -101,10 +104,11 @@ def cmd_train(args) -> int:
         cfg = _load(args)
     except ConfigError as exc:
         return _fail(f"the config has problems:\n{exc}")
-    if args.num_processes > 1 and not is_rank_process():
+    if (args.num_processes > 1 or args.accelerate_config) and not is_rank_process():
         # rebuilt from the parsed arguments, so `python train.py ...` (which has no `train` word) relaunches too
         flags = [f for f, on in (("--fp16", args.fp16), ("--bf16", args.bf16), ("--no-progress", args.no_progress)) if on]
-        return relaunch_train(args.num_processes, ["--config", args.config, *flags, *args.overrides])
+        return relaunch_train(args.num_processes, ["--config", args.config, *flags, *args.overrides],
+                              args.accelerate_config)
     report = run_preflight(cfg)
     if is_main_rank():
         print(report.render(), file=sys.stderr)

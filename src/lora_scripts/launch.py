@@ -1,5 +1,7 @@
-"""Several training processes on one machine: this same command again under torchrun, one process per GPU,
-or CPU ranks over gloo where there is no GPU (or ACCELERATE_USE_CPU=1)."""
+"""Several training processes: this same command again, under torchrun (`--num-processes N`: one process per
+GPU, or CPU ranks over gloo where there is no GPU or ACCELERATE_USE_CPU=1) or under `accelerate launch` with
+an accelerate config file (`--accelerate-config FILE`, e.g. configs/accelerate/ddp.yaml), which can also
+span several machines."""
 
 from __future__ import annotations
 
@@ -12,26 +14,48 @@ class LaunchError(RuntimeError):
     pass
 
 
-def relaunch_train(num_processes: int, train_args: list[str]) -> int:
-    """Run `lora-scripts train <train_args>` in `num_processes` ranks; their exit code."""
+# Set in the processes a launch starts: they train. (accelerate launch starts a single process without the
+# LOCAL_RANK that torchrun sets; without this it would launch again, forever.)
+LAUNCHED = "LORA_SCRIPTS_LAUNCHED"
+
+
+def launch_command(num_processes: int, train_args: list[str], accelerate_config: str | None = None,
+                   on_cpu: bool = False) -> list[str]:
+    """The command that runs `lora-scripts train <train_args>` in several processes."""
+    entry = ["-m", "lora_scripts.cli", "train", *train_args]
+    if accelerate_config is None:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+                *entry]
+    if not os.path.isfile(accelerate_config):
+        raise LaunchError(f"--accelerate-config {accelerate_config}: no such file (the shipped ones are in "
+                          "configs/accelerate/: ddp.yaml)")
+    # the file's process count unless --num-processes says otherwise; its GPU launcher also starts CPU
+    # ranks over gloo (accelerate's own --cpu flag would start one process)
+    count = [f"--num_processes={num_processes}"] if num_processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, *count,
+            *(["--num_cpu_threads_per_process=1"] if on_cpu else []), *entry]
+
+
+def relaunch_train(num_processes: int, train_args: list[str], accelerate_config: str | None = None) -> int:
+    """Run `lora-scripts train <train_args>` in `num_processes` ranks (or as `accelerate_config` says); their
+    exit code."""
     import torch
 
     from lora_scripts.hardware import device_type
 
-    env = dict(os.environ)
-    if device_type() == "cpu":
+    env = {**os.environ, LAUNCHED: "1"}
+    on_cpu = device_type() == "cpu"
+    if on_cpu:
         env["ACCELERATE_USE_CPU"] = "1"  # accelerate then builds a CPU DDP over gloo
-    elif torch.cuda.device_count() < num_processes:
+    elif accelerate_config is None and torch.cuda.device_count() < num_processes:
         raise LaunchError(f"--num-processes {num_processes} runs one process per GPU and this machine has "
                           f"{torch.cuda.device_count()}; with ACCELERATE_USE_CPU=1 the processes run on the CPU instead")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-           "-m", "lora_scripts.cli", "train", *train_args]
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(launch_command(num_processes, train_args, accelerate_config, on_cpu), env=env)
 
 
 def is_rank_process() -> bool:
-    """True inside a process torchrun started (it must train, not launch again)."""
-    return "LOCAL_RANK" in os.environ
+    """True inside a process a launch started (it must train, not launch again)."""
+    return "LOCAL_RANK" in os.environ or os.environ.get(LAUNCHED) == "1"
 
 
 def is_main_rank() -> bool:

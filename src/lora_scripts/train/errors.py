@@ -9,6 +9,10 @@ class ResumeError(RuntimeError):
     pass
 
 
+class UnsupportedLaunchError(RuntimeError):
+    """The processes were launched in a way training does not support (e.g. FSDP); said before any work."""
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says why and what was kept."""
 

@@ -29,7 +29,7 @@ from lora_scripts.train.checkpoint import (
     torch_rng_states,
 )
 from lora_scripts.train.common import seed_everything
-from lora_scripts.train.errors import TrainingInterrupted, TrainingStopped
+from lora_scripts.train.errors import TrainingInterrupted, TrainingStopped, UnsupportedLaunchError
 
 
 class GracefulStop:
@@ -158,6 +158,21 @@ def oom_message(cfg: TrainConfig, family: str) -> str:
 MAX_OVERFLOW_SKIPS = 10
 
 
+# Where every process holds a shard of the model, not all of it: the exports, checkpoints and sample writers
+# here read the adapter from the main process's modules and run generation on it alone, so such a run would
+# hang at its first sample or save a shard as the adapter.
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_distributed_type(kind: str) -> None:
+    """Refuse a launch whose processes would each hold a shard of the model (FSDP, DeepSpeed ZeRO, Megatron)."""
+    if kind in SHARDED:
+        raise UnsupportedLaunchError(
+            f"this run was launched with {kind}, which shards the model across processes; lora-scripts trains "
+            "data-parallel only so far (each process holds the whole model). Use configs/accelerate/ddp.yaml or "
+            "--num-processes N")
+
+
 def start_accelerator(cfg: TrainConfig):
     """The run's Accelerator, and the config with `mixed_precision: auto` resolved for this machine.
 
@@ -176,6 +191,7 @@ def start_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision.name, cpu=precision.device == "cpu",
                               step_scheduler_with_optimizer=False)
+    check_distributed_type(str(accelerator.distributed_type.value))
     if precision.name == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         # accelerate runs fp16 on a CPU as plain fp32 with no loss scaling; torch has CPU fp16 autocast and
         # GradScaler, so the same scaled path as on a GPU runs (the preflight refuses fp16 on a CPU for
