@@ -140,7 +140,9 @@ class TrainConfig(BaseModel):
     the adapter trains the weight's principal part, often converging faster); olora: from its QR
     decomposition (OLoRA). Both take that part out of the frozen weights while training, so the export
     converts the adapter back (peft's conversion) to a plain LoRA of twice the rank against the original
-    model, which loads anywhere a LoRA does. LLM runs."""
+    model, which loads anywhere a LoRA does. Images: the UNet's and text encoders' linear layers (peft
+    cannot start convolutions so: not with train_unet_conv, nor SD1.5's all-linear, whose proj_in/out are
+    1x1 convolutions)."""
 
     adalora_target_rank: int | None = Field(default=None, ge=1)
     """AdaLoRA: the average rank per module at the end of training. Default lora_rank."""
@@ -325,6 +327,9 @@ class TrainConfig(BaseModel):
         if self.scheduler == "constant" and (self.warmup_ratio or self.warmup_steps):
             problems.append("scheduler 'constant' has no warmup; use 'constant_with_warmup'")
         # set to a value of their own (a resolved config.yaml writes every key, at its default)
+        if self.lora_init in ("pissa", "olora") and self.train_unet_conv:
+            problems.append(f"lora_init: {self.lora_init} decomposes linear layers; peft cannot start the UNet's "
+                            "convolutions (train_unet_conv) that way. Set train_unet_conv: false or lora_init: default")
         if self.lora_init in ("pissa", "olora") and self.lora_type in ("dora", "adalora"):
             problems.append(f"lora_init: {self.lora_init} starts a plain LoRA from the weights; lora_type "
                             f"{self.lora_type} has its own start. Use lora_type: lora (or rslora)")

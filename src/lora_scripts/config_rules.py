@@ -19,7 +19,7 @@ IMAGE_ONLY_KEYS = (
     "noise_offset", "min_snr_gamma", "v_parameterization", "train_unet_conv", "cache_latents", "model_config_dir",
     "sample_steps", "sample_guidance", "sample_negative_prompt", "save_precision", "text_encoder_lr",
 )
-LLM_ONLY_KEYS = ("max_seq_length", "max_new_tokens", "drift_check", "lora_init")
+LLM_ONLY_KEYS = ("max_seq_length", "max_new_tokens", "drift_check")
 
 
 # Keys a resumed run may change: how long it runs, how fast, what it saves, logs and samples. Every other

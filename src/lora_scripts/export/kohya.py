@@ -43,8 +43,11 @@ def kohya_name(prefix: str, module_path: str) -> str:
 
 
 def kohya_lora_set(unet, text_encoders: list, model_type: str, adapter: str = "default",
-                   metadata: dict[str, str] | None = None) -> LoraSet:
-    """The trained adapters of a live model under their kohya names, each with the alpha readers need."""
+                   metadata: dict[str, str] | None = None, start: LoraSet | None = None) -> LoraSet:
+    """The trained adapters of a live model under their kohya names, each with the alpha readers need.
+    `start`: the adapters as a PiSSA/OLoRA run began (kohya_lora_set before training): each module is then
+    written as trained minus start (LoraModule.minus), its update against the original weights; a module
+    whose start is a plain one (B = 0: peft starts convolutions so) needs no such conversion."""
     modules: dict[str, LoraModule] = {}
     pm = unet_prefix_map(dict(unet.config)) if model_type == "sdxl" else None
 
@@ -64,6 +67,9 @@ def kohya_lora_set(unet, text_encoders: list, model_type: str, adapter: str = "d
             # DoRA: ComfyUI/LyCORIS read `dora_scale` as the per-output-row norm (out, 1[, 1, 1]).
             dora = m.reshape(m.shape[0], *([1] * (up.dim() - 1)))
         modules[key] = LoraModule(down, up, alpha, dora)
+        first = start.modules.get(key) if start is not None else None
+        if first is not None and bool(first.up.any()):
+            modules[key] = modules[key].minus(first)
 
     for path, mod in lora_modules(unet, adapter).items():
         name = unet_module_to_original(path, pm) if pm is not None else path

@@ -30,6 +30,15 @@ class LoraModule:
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank)  # a file's alpha is read over the rank (export/scale.py)
 
+    def minus(self, start: LoraModule) -> LoraModule:
+        """self - start as one LoRA of the two ranks together: the update of a PiSSA/OLoRA adapter against the
+        original weight (its frozen weight was the original minus `start`). down stacks both; up stacks self's
+        and -start's, each at its own scale over the new one (1 when ranks and alphas agree: exact)."""
+        rank = self.rank + start.rank
+        alpha = self.scale * rank  # the new alpha keeps self's scale
+        up = torch.cat([self.up, -start.up * (start.scale / self.scale)], dim=1)
+        return LoraModule(torch.cat([self.down, start.down], dim=0), up, alpha)
+
     def delta(self) -> torch.Tensor:
         """ΔW in the weight's own shape, in float32."""
         up, down = self.up.float(), self.down.float()
@@ -46,6 +55,13 @@ class LoraSet:
     metadata: dict[str, str] = field(default_factory=dict)
     peft_config: dict | None = None
     path: Path | None = None
+
+    def copy(self) -> LoraSet:
+        """The same LoRA with tensors of its own (a live model's LoraSet shares the parameters' storage)."""
+        modules = {k: LoraModule(m.down.clone(), m.up.clone(), m.alpha,
+                                 None if m.dora_scale is None else m.dora_scale.clone())
+                   for k, m in self.modules.items()}
+        return LoraSet(modules, self.format, dict(self.metadata), self.peft_config, self.path)
 
     @property
     def family(self) -> str:

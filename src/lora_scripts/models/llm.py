@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.models.adalora import adalora_config
+from lora_scripts.models.adapters import adalora_config, peft_init
 from lora_scripts.models.embedded import (
     EMBEDDED_MODELS,
     cache_root,
@@ -95,11 +95,6 @@ def default_target_modules(model: torch.nn.Module) -> list[str] | str:
     return "all-linear"
 
 
-# lora_init -> peft's init_lora_weights. PiSSA through peft's fast randomized SVD (4 subspace iterations),
-# which peft recommends over a full SVD: seconds instead of minutes on 7B-size layers, for the same start.
-PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_4", "olora": "olora"}
-
-
 def lora_config_for(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     """The peft config of the run's adapter (`total_steps`: the planned optimizer steps, which AdaLoRA's rank
     schedule needs)."""
@@ -115,7 +110,7 @@ def lora_config_for(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
         target_modules=targets,
         use_dora=cfg.lora_type == "dora",
         use_rslora=cfg.lora_type == "rslora",
-        init_lora_weights=PEFT_INIT[cfg.lora_init],
+        init_lora_weights=peft_init(cfg, True),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.models.adalora import adalora_config
+from lora_scripts.models.adapters import adalora_config, peft_init
 from lora_scripts.models.detect import SD2_PREDICTION_UNKNOWN, declared_prediction_type
 from lora_scripts.models.mapped import copy_off_the_file
 from lora_scripts.models.sd_configs import config_folder, write_config_folder
@@ -269,7 +269,7 @@ def lora_config_for(cfg: TrainConfig, targets: list[str], total_steps: int | Non
                           lora_dropout=cfg.lora_dropout, target_modules=targets, init_lora_weights="gaussian")
 
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      init_lora_weights="gaussian", use_dora=cfg.lora_type == "dora",
+                      init_lora_weights=peft_init(cfg, "gaussian"), use_dora=cfg.lora_type == "dora",
                       use_rslora=cfg.lora_type == "rslora")
 
 

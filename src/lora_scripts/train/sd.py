@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_scripts.config import TrainConfig
+from lora_scripts.config import ConfigError, TrainConfig
 from lora_scripts.data import sd_data
 from lora_scripts.data.buckets import batches_per_epoch, views_per_bucket
 from lora_scripts.data.images import describe_repeats, load_image_sets, plan_repeats
 from lora_scripts.export.kohya import kohya_lora_set, tag_frequency, training_metadata, write_kohya_file
+from lora_scripts.export.lora_set import LoraSet
 from lora_scripts.models.detect import detect_model_type
 from lora_scripts.models.sd import (
     SDModel,
@@ -109,7 +110,14 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run, total_steps: int
 
         budget = RankBudget(AdaLoraModel(unet, lora_config_for(cfg, unet_targets, total_steps), "default"))
     else:
-        unet.add_adapter(lora_config_for(cfg, unet_targets))
+        try:
+            unet.add_adapter(lora_config_for(cfg, unet_targets))
+        except ValueError as exc:
+            if "Unknown initialization" not in str(exc):
+                raise
+            raise ConfigError(f"lora_init: {cfg.lora_init} decomposes linear layers, and target_modules reach a "
+                              "convolution of this UNet (SD1.5's all-linear includes its 1x1 proj_in/proj_out "
+                              "convolutions); name linear targets, or use lora_init: default") from None
     train_te = cfg.text_encoder_lr is not None
     if train_te:
         for te in model.text_encoders:
@@ -124,12 +132,18 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run, total_steps: int
     return train_te, frozen_dtype, budget
 
 
-def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items,
-             plan) -> tuple[Callable[[Path], tuple[Path, Path]], Callable[[], Path]]:
+def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan,
+             start: LoraSet | None = None) -> tuple[Callable[[Path], tuple[Path, Path]], Callable[[], Path]]:
     """(`export(folder)`, `export_best()`): the kohya/A1111 file (with its ss_* metadata) and the diffusers
     file of the model as it stands, in save_precision, for every checkpoint and the final output; and the
-    kohya file alone as `<name>-best.safetensors` (save_best)."""
-    from lora_scripts.export.diffusers_lora import diffusers_components_of_model, write_diffusers_file
+    kohya file alone as `<name>-best.safetensors` (save_best). `start`: a PiSSA/OLoRA run's adapters as they
+    began; the files then hold the update against the original weights (kohya_lora_set), the diffusers one
+    made from the kohya set as `convert` makes it."""
+    from lora_scripts.export.diffusers_lora import (
+        diffusers_components,
+        diffusers_components_of_model,
+        write_diffusers_file,
+    )
 
     dtype = DTYPES[cfg.save_precision]
     metadata = training_metadata(
@@ -139,11 +153,18 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
 
     text_encoders = model.text_encoders if train_te else []
 
+    def kohya_set() -> LoraSet:
+        return kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata, start=start)
+
     def kohya_file(path: Path) -> Path:
-        return write_kohya_file(kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata), path, dtype)
+        return write_kohya_file(kohya_set(), path, dtype)
 
     def export(folder: Path) -> tuple[Path, Path]:
-        layers = diffusers_components_of_model(model.unet, text_encoders, dtype)
+        if start is None:
+            layers = diffusers_components_of_model(model.unet, text_encoders, dtype)
+        else:
+            layers = {comp: ({k: t.to(dtype) for k, t in tensors.items()}, fields)
+                      for comp, (tensors, fields) in diffusers_components(kohya_set(), cfg.model_config_dir).items()}
         return kohya_file(folder / f"{cfg.name}.safetensors"), write_diffusers_file(layers, folder, model_type)
 
     return export, lambda: kohya_file(Path(cfg.output_dir) / f"{cfg.name}-best.safetensors")
@@ -273,7 +294,10 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        export, export_best = exporter(cfg, model, model_type, train_te, items, plan)
+        # PiSSA/OLoRA: the adapters as they start, before a resume loads trained weights into them
+        start = (kohya_lora_set(unet, model.text_encoders if train_te else [], model_type).copy()
+                 if cfg.mutates_base else None)
+        export, export_best = exporter(cfg, model, model_type, train_te, items, plan, start)
         run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export, export_best,
                   hooks=[budget] if budget else [])
         pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
