@@ -61,10 +61,9 @@ def test_pissa_refuses_adapters_with_their_own_start(tiny_llama, pairs_csv, tmp_
 def test_sd_pissa_files_rebuild_the_trained_model_on_the_original_weights(tiny_sd15, style_images, tmp_path):
     """PiSSA on the UNet's attention and the text encoder: the kohya file holds each module's update against
     the original weights (rank 2 x 4), and it, the diffusers file and the A1111 formula rebuild the model."""
-    from test_sd_train import a1111_apply, sd_args, unet_and_te_outputs
-
     from lora_scripts.models.sd import load_sd
     from lora_scripts.train.sd import train_sd
+    from test_sd_train import a1111_apply, sd_args, unet_and_te_outputs
 
     ckpt, cfg_dir = tiny_sd15
     result = train_sd(sd_args(ckpt, cfg_dir, style_images, tmp_path / "pissa", lora_init="pissa", lora_rank=4,
@@ -93,9 +92,8 @@ def test_sd_pissa_files_rebuild_the_trained_model_on_the_original_weights(tiny_s
 
 
 def test_sd_pissa_refuses_convolutions(tiny_sd15, style_images, tmp_path):
-    from test_sd_train import sd_args
-
     from lora_scripts.train.sd import train_sd
+    from test_sd_train import sd_args
 
     ckpt, cfg_dir = tiny_sd15
     with pytest.raises(ConfigError, match="peft cannot start the UNet's convolutions"):
