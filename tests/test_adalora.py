@@ -120,6 +120,15 @@ def test_schedule_and_rank_errors_come_before_training(tiny_llama, pairs_csv, tm
         load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "x", adalora_init_rank=8))
 
 
+def test_preflight_warns_when_the_learning_rate_cannot_grow_the_singular_values(tiny_llama, pairs_csv, tmp_path):
+    slow = run_preflight(load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "x", lora_type="adalora",
+                                                     learning_rate=1e-3)))  # 18 steps: reach 0.018
+    assert any("18 steps at 0.001 reach 0.018" in w and "Raise learning_rate to about 0.03" in w for w in slow.warnings)
+    fast = run_preflight(load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "x", lora_type="adalora",
+                                                     learning_rate=2e-2)))
+    assert not any("AdaLoRA starts its singular values" in w for w in fast.warnings)
+
+
 def test_sd_unet_adalora_kohya_and_diffusers_files_rebuild_the_model(tiny_sd15, style_images, tmp_path):
     """AdaLoRA on the UNet's attention and convolutions (LoCon), a plain LoRA on the text encoder: the kohya
     file, with a rank and alpha per module, gives the trained model in diffusers and by A1111's formula."""

@@ -132,13 +132,15 @@ def attach_adapters(cfg: TrainConfig, model: SDModel, run, total_steps: int
     return train_te, frozen_dtype, budget
 
 
-def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items, plan,
-             start: LoraSet | None = None) -> tuple[Callable[[Path], tuple[Path, Path]], Callable[[], Path]]:
+def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, items,
+             plan) -> tuple[Callable[[Path], tuple[Path, Path]], Callable[[], Path]]:
     """(`export(folder)`, `export_best()`): the kohya/A1111 file (with its ss_* metadata) and the diffusers
     file of the model as it stands, in save_precision, for every checkpoint and the final output; and the
-    kohya file alone as `<name>-best.safetensors` (save_best). `start`: a PiSSA/OLoRA run's adapters as they
-    began; the files then hold the update against the original weights (kohya_lora_set), the diffusers one
-    made from the kohya set as `convert` makes it."""
+    kohya file alone as `<name>-best.safetensors` (save_best).
+
+    Made before a resume loads trained weights: a PiSSA/OLoRA run's adapters are kept here as they start, and
+    the files then hold the update against the original weights (kohya_lora_set), the diffusers one made from
+    the kohya set as `convert` makes it."""
     from lora_scripts.export.diffusers_lora import (
         diffusers_components,
         diffusers_components_of_model,
@@ -152,6 +154,7 @@ def exporter(cfg: TrainConfig, model: SDModel, model_type: str, train_te: bool, 
         cfg.adalora_ranks[0] if cfg.lora_type == "adalora" else cfg.lora_rank)
 
     text_encoders = model.text_encoders if train_te else []
+    start = kohya_lora_set(model.unet, text_encoders, model_type).copy() if cfg.mutates_base else None
 
     def kohya_set() -> LoraSet:
         return kohya_lora_set(model.unet, text_encoders, model_type, metadata=metadata, start=start)
@@ -294,10 +297,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
 
         # one module holding every trainable part, so a checkpoint stores them under stable names
         holder = torch.nn.ModuleDict({"unet": unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}})
-        # PiSSA/OLoRA: the adapters as they start, before a resume loads trained weights into them
-        start = (kohya_lora_set(unet, model.text_encoders if train_te else [], model_type).copy()
-                 if cfg.mutates_base else None)
-        export, export_best = exporter(cfg, model, model_type, train_te, items, plan, start)
+        export, export_best = exporter(cfg, model, model_type, train_te, items, plan)  # before a resume: see there
         run.track(wrapped, holder, unet_params + te_params, optimizer, lr_sched, total_steps, export, export_best,
                   hooks=[budget] if budget else [])
         pos = run.resume([[s.item.key, s.image_hash, s.item.caption, r] for s, r in zip(samples, repeats)])
