@@ -1,0 +1,1 @@
+"""The web UI: jobs that outlive the page and the server (jobs.py, runner.py)."""

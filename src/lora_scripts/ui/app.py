@@ -1,0 +1,187 @@
+"""The UI server's API (FastAPI): jobs, their logs and live events, the config's keys and its validation.
+
+Every path a request names is taken relative to the root the server was started with and refused when it
+resolves outside it (`..`, absolute paths, symlinks out). Jobs live in `<root>/.lora-scripts-ui/jobs`
+(ui/jobs.py): the server holds no state of its own, so a restart finds them all again. With a token (needed
+to listen on anything but loopback) every request carries it: `Authorization: Bearer <token>`, or
+`?token=` for the browser's EventSource, which cannot set headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+
+from lora_scripts.config import ConfigError, TrainConfig
+from lora_scripts.ui.jobs import FINAL, JobError, JobStore
+
+REFRESH_SECONDS = 1.0  # how often the server brings job records up to date (the queue moves on this tick)
+
+
+class JobRequest(BaseModel):
+    config: str  # a training config, relative to the root
+    overrides: list[str] = []
+
+
+def inside(root: Path, relative: str) -> Path:
+    """`relative` under `root`; HTTP 403 when it resolves anywhere else."""
+    base = root.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise HTTPException(403, f"{relative}: outside the folder this UI serves ({base})")
+    return path
+
+
+def config_keys() -> list[dict]:
+    """Every config key with its type, default, family and documentation: what the config form is made of."""
+    from lora_scripts.config_rules import IMAGE_ONLY_KEYS, LLM_ONLY_KEYS
+
+    keys = []
+    for name, info in TrainConfig.model_fields.items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        keys.append({"name": name, "type": str(info.annotation).replace("typing.", ""),
+                     "default": json.loads(json.dumps(default, default=str)), "required": info.is_required(),
+                     "family": "image" if name in IMAGE_ONLY_KEYS else "llm" if name in LLM_ONLY_KEYS else "both",
+                     "doc": info.description or ""})
+    return keys
+
+
+async def event_stream(store: JobStore, job_id: str, since: int = 0):
+    """The run's events.jsonl as server-sent events, from line `since` on, as they are written (each with its
+    line number as id, so a page that reconnects asks for the rest); a last `job` event with the job's record
+    once it has ended and every line was sent. The file is read on from where the last read stopped; a line
+    still being written waits for its newline."""
+    events = Path(store.get(job_id).output_dir) / "events.jsonl"
+    offset, number, partial = 0, 0, b""
+    while True:
+        ended = store.get(job_id).state in FINAL  # read before the file: nothing written after it is missed
+        if events.exists():
+            with open(events, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            offset += len(chunk)
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                if number >= since and line.strip():
+                    yield f"id: {number}\ndata: {line.decode('utf-8')}\n\n"
+                number += 1
+        if ended:
+            yield f"event: job\ndata: {json.dumps(asdict(store.get(job_id)))}\n\n"
+            return
+        await asyncio.sleep(0.5)
+
+
+def create_app(root: Path, token: str | None = None, refresh: bool = True) -> FastAPI:
+    """The app over `root`. `refresh`: a background thread moves jobs along (off in tests that tick by hand)."""
+    root = Path(root).resolve()
+    store = JobStore(root / ".lora-scripts-ui" / "jobs")
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(REFRESH_SECONDS):
+            store.refresh()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=tick, daemon=True) if refresh else None
+        if thread:
+            thread.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="lora-scripts", lifespan=lifespan)
+    app.state.store, app.state.root = store, root
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.query_params.get("token", "")
+            if not secrets.compare_digest(given, token):
+                return JSONResponse({"detail": "this UI needs its token (Authorization: Bearer ...)"}, status_code=401)
+        return await call_next(request)
+
+    def job_or_404(job_id: str):
+        try:
+            return store.get(job_id)
+        except JobError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/api/jobs")
+    def list_jobs() -> list[dict]:
+        return [asdict(j) for j in store.jobs()]
+
+    @app.post("/api/jobs")
+    def submit(req: JobRequest) -> dict:
+        from lora_scripts.config_file import load_config
+
+        config = inside(root, req.config)
+        if not config.is_file():
+            raise HTTPException(404, f"{req.config}: no such config file")
+        try:
+            output_dir = Path(load_config(config, req.overrides).output_dir)
+            # relative paths in a config are the trainer's, run from the root: the outputs must stay inside
+            inside(root, str(output_dir if output_dir.is_absolute() else root / output_dir))
+            return asdict(store.submit(config, req.overrides, cwd=root))
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc).splitlines()) from None
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:
+        return asdict(job_or_404(job_id))
+
+    @app.post("/api/jobs/{job_id}/stop")
+    def stop_job(job_id: str) -> dict:
+        job_or_404(job_id)
+        try:
+            return asdict(store.stop(job_id))
+        except JobError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/api/jobs/{job_id}/resume")
+    def resume_job(job_id: str) -> dict:
+        job_or_404(job_id)
+        try:
+            return asdict(store.resume(job_id))
+        except JobError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.get("/api/jobs/{job_id}/log", response_class=PlainTextResponse)
+    def job_log(job_id: str, tail: int = 200) -> str:
+        job_or_404(job_id)
+        log = store.log_path(job_id)
+        return "\n".join(log.read_text(errors="replace").splitlines()[-tail:]) if log.exists() else ""
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def job_events(job_id: str, since: int = 0):
+        job_or_404(job_id)
+        return StreamingResponse(event_stream(store, job_id, since), media_type="text/event-stream")
+
+    @app.get("/api/config/keys")
+    def keys() -> list[dict]:
+        return config_keys()
+
+    @app.post("/api/config/validate")
+    def validate(req: JobRequest) -> dict:
+        """The preflight on a config file: its findings, or the config's errors (file:line, did you mean)."""
+        from lora_scripts.config_file import load_config
+        from lora_scripts.preflight import run_preflight
+
+        config = inside(root, req.config)
+        try:
+            cfg = load_config(config, req.overrides)
+        except ConfigError as exc:
+            return {"ok": False, "errors": str(exc).splitlines(), "findings": []}
+        report = run_preflight(cfg)
+        return {"ok": report.ok, "errors": report.errors,
+                "findings": [{"level": f.level, "message": f.message} for f in report.findings]}
+
+    return app

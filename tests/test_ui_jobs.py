@@ -1,0 +1,100 @@
+"""Jobs of the web UI: real `lora-scripts train` processes on a tiny Llama, followed through their records on
+disk: a queue of one at a time, a store opened afresh (the server restarted) finding a running job and
+seeing it finish, stop (SIGINT: checkpoint, exit 130) and resume from that checkpoint, and what is refused."""
+
+import json
+import os
+import time
+
+import pytest
+
+from lora_scripts.config import ConfigError
+from lora_scripts.train.checkpoint import verify_checkpoint
+from lora_scripts.ui.jobs import Job, JobError, JobStore
+
+
+def write_config(path, tiny_llama, pairs_csv, out, **keys):
+    base = {"base_model": str(tiny_llama), "metadata_path": str(pairs_csv), "output_dir": str(out), "batch_size": 4,
+            "learning_rate": 5e-3, "seed": 7, "mixed_precision": "no", "drift_check": False, "save_steps": 1000,
+            **keys}
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in base.items()))
+    return path
+
+
+def wait_for(store: JobStore, job_id: str, states: tuple[str, ...], timeout: float = 180) -> Job:
+    end = time.time() + timeout
+    while time.time() < end:
+        store.refresh()
+        job = store.get(job_id)
+        if job.state in states:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {store.get(job_id).state} after {timeout} s:\n"
+                         + store.log_path(job_id).read_text()[-2000:])
+
+
+def steps_done(out) -> list[int]:
+    events = out / "events.jsonl"
+    if not events.exists():
+        return []
+    return [e["step"] for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "step"]
+
+
+def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, tmp_path):
+    """One job at a time; the UI server restarts (a new store on the same folder, without the old one's
+    process handles) and still finds the running job, stops it (SIGINT: checkpoint, exit 130), and the next
+    job starts only then; the stopped one resumes from its checkpoint to the end."""
+    out = tmp_path / "long"
+    store = JobStore(tmp_path / "jobs")
+    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, out, epochs=8))
+    short = store.submit(write_config(tmp_path / "short.yaml", tiny_llama, pairs_csv, tmp_path / "short",
+                                      max_train_steps=2))
+    assert (job.state, short.state) == ("running", "queued")
+
+    restarted = JobStore(tmp_path / "jobs")
+    assert [j.state for j in restarted.refresh()] == ["running", "queued"]  # found alive by pid + start time
+    end = time.time() + 180
+    while not steps_done(out) and time.time() < end:
+        time.sleep(0.1)
+    assert restarted.stop(job.id).state == "stopping"
+    job = wait_for(restarted, job.id, ("interrupted", "failed", "finished"))
+    assert job.state == "interrupted" and job.exit_code == 130, restarted.log_path(job.id).read_text()[-2000:]
+    stopped_at = steps_done(out)[-1]
+    checkpoint = out / f"checkpoint-{stopped_at:06d}"
+    assert stopped_at < 48 and verify_checkpoint(checkpoint) is None
+    log = restarted.log_path(job.id).read_text()  # what Ctrl-C prints on a terminal
+    assert "SIGINT received: finishing this step and saving a checkpoint" in log
+    assert f"checkpoint saved: {checkpoint}" in log and "resume_from=latest" in log
+    with pytest.raises(JobError, match="only a queued or running job can be stopped"):
+        restarted.stop(job.id)
+
+    again = restarted.resume(job.id)  # queued behind the short job, which started when the long one ended
+    assert again.state == "queued" and again.resume_of == job.id and again.overrides[-1] == "resume_from=latest"
+    short = wait_for(restarted, short.id, ("finished", "failed"))
+    assert short.state == "finished" and short.started >= job.ended - 1.5 and steps_done(tmp_path / "short") == [1, 2]
+    again = wait_for(restarted, again.id, ("finished", "failed"))
+    assert again.state == "finished", restarted.log_path(again.id).read_text()[-2000:]
+    assert "done: 48 steps" in restarted.log_path(again.id).read_text()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "start"] == [0, stopped_at]
+    assert steps_done(out)[-1] == 48 and (out / "adapter_model.safetensors").exists()
+    with pytest.raises(JobError, match="only an interrupted or failed job can be resumed"):
+        restarted.resume(again.id)
+
+
+def test_a_reused_pid_is_not_taken_for_the_job_and_bad_requests_are_refused(tiny_llama, pairs_csv, tmp_path):
+    store = JobStore(tmp_path / "jobs")
+    # a record of a job whose runner is gone, its pid since given to a live process (this one)
+    ghost = Job("20260101-000000-abcdef", str(tmp_path / "x.yaml"), str(tmp_path / "x"), state="running",
+                created=1.0, started=1.0, pid=os.getpid(), pid_started=12345.0)
+    (tmp_path / "jobs" / f"{ghost.id}.json").write_text(json.dumps(ghost.__dict__))
+    store.refresh()
+    assert store.get(ghost.id).state == "failed"  # no exit code, no stop asked: it did not end well
+
+    for bad in ["../jobs", "..", "a/b", ".hidden", "nope"]:
+        with pytest.raises(JobError, match="no job"):
+            store.get(bad)
+    (tmp_path / "broken.yaml").write_text("lora_rnak: 8\n")
+    with pytest.raises(ConfigError, match="did you mean lora_rank"):
+        store.submit(tmp_path / "broken.yaml")
+    assert [j.id for j in store.jobs()] == [ghost.id]  # nothing queued for it
