@@ -83,3 +83,46 @@ def test_a_token_is_needed_when_one_is_set(served):
     assert client.get("/api/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/api/jobs?token=s3cret").status_code == 200  # EventSource cannot set headers
+
+
+def test_captions_are_edited_into_metadata_csv_with_a_backup(tmp_path):
+    """What the dataset page does: every image with its caption and where it came from; an edit, a find /
+    replace and a trigger word written into metadata.csv (the previous one kept as .bak) so that training
+    reads exactly what the page shows; the images served for thumbnails, nothing outside the folder."""
+    import numpy as np
+    from PIL import Image
+
+    from lora_scripts.data.images import load_captioned_images
+
+    data = tmp_path / "data" / "style"
+    (data / "5_cats").mkdir(parents=True)
+    for name in ["a.png", "b.png", "5_cats/c.png"]:
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(data / name)
+    (data / "metadata.csv").write_text('filename,prompt\na.png,"neon city, rain"\n')
+    (data / "b.txt").write_text("neon alley, night")  # a sidecar caption; c.png has none yet
+    client = TestClient(create_app(tmp_path, refresh=False))
+
+    listed = client.get("/api/dataset", params={"folder": "data/style"}).json()["images"]
+    assert [(i["key"], i["caption"], i["source"]) for i in listed] == [
+        ("5_cats/c.png", None, None), ("a.png", "neon city, rain", "metadata.csv"), ("b.png", "neon alley, night", "b.txt")]
+    edit = client.post("/api/dataset/captions", json={"folder": "data/style", "captions": {"5_cats/c.png": "neon cat"}})
+    assert edit.json() == {"changed": 1}
+    assert (data / "metadata.csv.bak").read_text() == 'filename,prompt\na.png,"neon city, rain"\n'
+    assert client.post("/api/dataset/captions", json={"folder": "data/style", "find": "neon", "replace": "glowing"}
+                       ).json() == {"changed": 3}
+    for _ in range(2):  # a trigger word goes in front once
+        client.post("/api/dataset/captions", json={"folder": "data/style", "trigger": "cyb3r"})
+    # the trainer's own reader sees the page's captions, the sidecar's included
+    assert {i.key: i.caption for i in load_captioned_images(data)} == {
+        "5_cats/c.png": "cyb3r, glowing cat", "a.png": "cyb3r, glowing city, rain", "b.png": "cyb3r, glowing alley, night"}
+    assert (data / "b.txt").read_text() == "neon alley, night"  # sidecars are left as they were
+
+    refused = client.post("/api/dataset/captions", json={"folder": "data/style", "captions": {"a.png": "  "}})
+    assert refused.status_code == 422 and "empty caption" in refused.json()["detail"]
+    refused = client.post("/api/dataset/captions", json={"folder": "data/style", "captions": {"../x.png": "y"}})
+    assert refused.status_code == 422 and "no such image" in refused.json()["detail"]
+    assert client.get("/api/dataset", params={"folder": "../"}).status_code == 403
+    image = client.get("/api/image", params={"path": "data/style/5_cats/c.png"})
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert client.get("/api/image", params={"path": "data/style/metadata.csv"}).status_code == 404  # not an image
+    assert client.get("/api/image", params={"path": "../../etc/passwd"}).status_code == 403

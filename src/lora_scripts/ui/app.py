@@ -32,6 +32,14 @@ class JobRequest(BaseModel):
     overrides: list[str] = []
 
 
+class CaptionEdit(BaseModel):
+    folder: str  # an image folder, relative to the root
+    captions: dict[str, str] = {}  # image key (as in metadata.csv) -> caption
+    find: str = ""
+    replace: str = ""
+    trigger: str = ""
+
+
 def inside(root: Path, relative: str) -> Path:
     """`relative` under `root`; HTTP 403 when it resolves anywhere else."""
     base = root.resolve()
@@ -80,6 +88,60 @@ async def event_stream(store: JobStore, job_id: str, since: int = 0):
         await asyncio.sleep(0.5)
 
 
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".bmp": "image/bmp"}
+
+
+def add_dataset_routes(app: FastAPI, root: Path) -> None:
+    """The dataset page's API: an image folder's captions (ui/dataset.py), their edits, the images."""
+    from fastapi.responses import FileResponse
+
+    from lora_scripts.data.images import CaptionFileError
+    from lora_scripts.ui.dataset import (
+        CaptionEditError,
+        image_captions,
+        prepend_trigger,
+        replace_in_captions,
+        save_captions,
+    )
+
+    def folder_of(relative: str) -> Path:
+        folder = inside(root, relative)
+        if not folder.is_dir():
+            raise HTTPException(404, f"{relative}: no such folder")
+        return folder
+
+    @app.get("/api/dataset")
+    def dataset(folder: str) -> dict:
+        try:
+            images, problems = image_captions(folder_of(folder))
+        except CaptionFileError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"images": images, "problems": problems}
+
+    @app.post("/api/dataset/captions")
+    def edit_captions(edit: CaptionEdit) -> dict:
+        """One of: `captions` saved; `find` replaced by `replace` in all; `trigger` put in front of all."""
+        folder = folder_of(edit.folder)
+        try:
+            if edit.find:
+                changed = replace_in_captions(folder, edit.find, edit.replace)
+            elif edit.trigger:
+                changed = prepend_trigger(folder, edit.trigger)
+            else:
+                changed = save_captions(folder, edit.captions)
+        except (CaptionEditError, CaptionFileError) as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"changed": changed}
+
+    @app.get("/api/image")
+    def image(path: str):
+        file = inside(root, path)
+        if file.suffix.lower() not in IMAGE_TYPES or not file.is_file():
+            raise HTTPException(404, f"{path}: not an image")
+        return FileResponse(file, media_type=IMAGE_TYPES[file.suffix.lower()])
+
+
 def create_app(root: Path, token: str | None = None, refresh: bool = True) -> FastAPI:
     """The app over `root`. `refresh`: a background thread moves jobs along (off in tests that tick by hand)."""
     root = Path(root).resolve()
@@ -100,6 +162,7 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
 
     app = FastAPI(title="lora-scripts", lifespan=lifespan)
     app.state.store, app.state.root = store, root
+    add_dataset_routes(app, root)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
