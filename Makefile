@@ -1,5 +1,5 @@
 # The three commands of the README. Each depends on setup, which is quick when already done.
-.PHONY: setup test demo bench lint gpu-check
+.PHONY: setup test demo bench lint gpu-check ui
 
 setup:
 	./setup.sh
@@ -10,6 +10,10 @@ test: setup
 
 demo: setup
 	.venv/bin/lora-scripts demo
+
+# the web UI's server on http://127.0.0.1:7860 over this folder (its API so far; the pages come next)
+ui: setup
+	.venv/bin/lora-scripts ui
 
 lint: setup
 	.venv/bin/ruff check src tests train.py tools bench scripts

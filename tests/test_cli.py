@@ -91,7 +91,7 @@ def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs
     out = tmp_path / "demo"
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(f"base_model: {tiny_llama}\nmetadata_path: {pairs_csv}\neval_data_path: {pairs_csv}\n"
-                   f"output_dir: {out}\nepochs: 2\nbatch_size: 4\nmax_new_tokens: 4\n")
+                   f"output_dir: {out}\nepochs: 2\nbatch_size: 4\nmax_new_tokens: 4\ndrift_check: false\n")
     script = textwrap.dedent(f"""
         import os, sys
         from lora_scripts import cli

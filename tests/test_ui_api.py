@@ -126,3 +126,36 @@ def test_captions_are_edited_into_metadata_csv_with_a_backup(tmp_path):
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert client.get("/api/image", params={"path": "data/style/metadata.csv"}).status_code == 404  # not an image
     assert client.get("/api/image", params={"path": "../../etc/passwd"}).status_code == 403
+
+
+def test_the_ui_command_serves_the_api_and_wants_a_token_off_loopback(tmp_path, capsys):
+    """`lora-scripts ui` as a user starts it: a real server process answering over HTTP; listening beyond
+    this machine without a token is refused before anything listens."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from lora_scripts.cli import main
+
+    assert main(["ui", "--root", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "pass --token SECRET as well" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "lora_scripts.cli", "ui", "--root", str(tmp_path), "--port",
+                               str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=2) as response:
+                    assert json.loads(response.read()) == []
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < end, server.stderr.read() if server.poll() else "slow"
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
