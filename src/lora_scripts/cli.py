@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# the LoRA tools' verbs: their arguments and calls (nothing heavy at import)
+# the web UI's verb (ui/verb.py) and the LoRA tools' verbs: their arguments and calls (nothing heavy at import)
 from lora_scripts.tools.verbs import (
     add_combine,
     add_convert,
@@ -26,6 +26,7 @@ from lora_scripts.tools.verbs import (
     cmd_merge,
     cmd_resize,
 )
+from lora_scripts.ui.verb import add_ui, cmd_ui
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
@@ -47,10 +48,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lora_scripts.safety import RunLockedError, UnsafeFileError
     from lora_scripts.sd_generate import LoraTagError
     from lora_scripts.train.errors import ResumeError, UnsupportedLaunchError
+    from lora_scripts.ui.verb import UIError
 
     return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,
             ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError, LoraTagError,
-            UnsupportedLaunchError, FileNotFoundError)
+            UnsupportedLaunchError, UIError, FileNotFoundError)
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -376,38 +378,6 @@ def cmd_label(args) -> int:
     if result.skipped:
         print(f"{len(result.skipped)} image(s) could not be read and were skipped", file=sys.stderr)
         return 1
-    return 0
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def add_ui(p: argparse.ArgumentParser) -> None:
-    """serve the web UI's API over a folder (so far: training jobs that outlive the page, captions, config)
-
-    lora-scripts ui --root . --port 7860
-    """
-    p.add_argument("--root", default=".", help="the folder served: nothing outside it is listed, read or written")
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--token", default=None,
-                   help="a secret every request must carry (Authorization: Bearer ...); required off loopback")
-
-
-def cmd_ui(args) -> int:
-    root = Path(args.root)
-    if not root.is_dir():
-        return _fail(f"--root {root}: no such folder")
-    if args.host not in LOOPBACK and not args.token:
-        return _fail(f"--host {args.host} can be reached from other machines: pass --token SECRET as well; every "
-                     "request must then carry it (Authorization: Bearer SECRET)")
-    import uvicorn
-
-    from lora_scripts.ui.app import create_app
-
-    print(f"lora-scripts ui: serving {root.resolve()} on http://{args.host}:{args.port}/api/ "
-          f"({'token required' if args.token else 'no token: this machine only'})", file=sys.stderr)
-    uvicorn.run(create_app(root, args.token), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
