@@ -86,7 +86,7 @@ def test_demo_config_errors_from_the_project_folder_get_no_where_to_run_hint(cap
 
 
 def test_demo_interrupted_prints_the_resume_line_and_exits_130(tiny_llama, pairs_csv, tmp_path):
-    """SIGTERM (Ctrl-C takes the same path, tested with `train` in test_llm_train)."""
+    """SIGTERM (Ctrl-C takes the same path, tested with `train` through the UI job store in test_ui_jobs)."""
     sig = signal.SIGTERM
     out = tmp_path / "demo"
     cfg = tmp_path / "demo.yaml"

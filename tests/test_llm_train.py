@@ -301,32 +301,6 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_llama, pairs_csv, t
     assert runs[True] == pytest.approx(runs[False], abs=1e-5)
 
 
-# SIGINT (Ctrl-C) the same way: tests/test_ui_jobs.py stops a real `lora-scripts train` process with it
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tiny_llama, pairs_csv, tmp_path, sig):
-    out = tmp_path / "stopped"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("\n".join(a.replace("=", ": ", 1) for a in overrides(tiny_llama, pairs_csv, out, save_steps=100)))
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        from lora_scripts import cli
-        from lora_scripts.train import events
-        real = events.Events.emit
-        def emit(self, kind, **data):
-            if kind == "step" and data["step"] == 3:
-                os.kill(os.getpid(), {int(sig)})
-            return real(self, kind, **data)
-        events.Events.emit = emit
-        sys.exit(cli.main(["train", "--config", "{cfg}", "--no-progress"]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    assert "finishing this step and saving a checkpoint" in proc.stderr
-    assert f"checkpoint saved: {out / 'checkpoint-000003'}" in proc.stderr
-    assert f"python train.py --config {cfg} resume_from=latest" in proc.stderr
-    assert verify_checkpoint(out / "checkpoint-000003") is None
-
-
 def test_save_best_keeps_the_adapter_of_the_lowest_eval_loss(tiny_llama, pairs_csv, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -1,6 +1,7 @@
 """Jobs of the web UI: real `lora-scripts train` processes on a tiny Llama, followed through their records on
-disk: a queue of one at a time, a store opened afresh (the server restarted) finding a running job and
-seeing it finish, stop (SIGINT: checkpoint, exit 130) and resume from that checkpoint, and what is refused."""
+disk: a queue of one at a time, a store opened afresh (the server restarted) finding a running job, stop
+(SIGINT, as Ctrl-C on a terminal: the step finished, a checkpoint, the resume line, exit 130; SIGTERM takes
+the same path, tested with `demo` in test_cli) and resume from that checkpoint, and what is refused."""
 
 import json
 import os
@@ -64,7 +65,8 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
     assert stopped_at < 48 and verify_checkpoint(checkpoint) is None
     log = restarted.log_path(job.id).read_text()  # what Ctrl-C prints on a terminal
     assert "SIGINT received: finishing this step and saving a checkpoint" in log
-    assert f"checkpoint saved: {checkpoint}" in log and "resume_from=latest" in log
+    assert f"checkpoint saved: {checkpoint}" in log
+    assert f"python train.py --config {tmp_path / 'long.yaml'} resume_from=latest" in log
     with pytest.raises(JobError, match="only a queued or running job can be stopped"):
         restarted.stop(job.id)
 
