@@ -47,7 +47,7 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
     job starts only then; the stopped one resumes from its checkpoint to the end."""
     out = tmp_path / "long"
     store = JobStore(tmp_path / "jobs")
-    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, out, epochs=8))
+    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, out, epochs=4))
     short = store.submit(write_config(tmp_path / "short.yaml", tiny_llama, pairs_csv, tmp_path / "short",
                                       max_train_steps=2))
     assert (job.state, short.state) == ("running", "queued")
@@ -62,7 +62,7 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
     assert job.state == "interrupted" and job.exit_code == 130, restarted.log_path(job.id).read_text()[-2000:]
     stopped_at = steps_done(out)[-1]
     checkpoint = out / f"checkpoint-{stopped_at:06d}"
-    assert stopped_at < 48 and verify_checkpoint(checkpoint) is None
+    assert stopped_at < 24 and verify_checkpoint(checkpoint) is None
     log = restarted.log_path(job.id).read_text()  # what Ctrl-C prints on a terminal
     assert "SIGINT received: finishing this step and saving a checkpoint" in log
     assert f"checkpoint saved: {checkpoint}" in log
@@ -76,10 +76,10 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
     assert short.state == "finished" and short.started >= job.ended - 1.5 and steps_done(tmp_path / "short") == [1, 2]
     again = wait_for(restarted, again.id, ("finished", "failed"))
     assert again.state == "finished", restarted.log_path(again.id).read_text()[-2000:]
-    assert "done: 48 steps" in restarted.log_path(again.id).read_text()
+    assert "done: 24 steps" in restarted.log_path(again.id).read_text()
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "start"] == [0, stopped_at]
-    assert steps_done(out)[-1] == 48 and (out / "adapter_model.safetensors").exists()
+    assert steps_done(out)[-1] == 24 and (out / "adapter_model.safetensors").exists()
     with pytest.raises(JobError, match="only an interrupted or failed job can be resumed"):
         restarted.resume(again.id)
 
