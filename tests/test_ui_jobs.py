@@ -44,12 +44,14 @@ def steps_done(out) -> list[int]:
 def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, tmp_path):
     """One job at a time; the UI server restarts (a new store on the same folder, without the old one's
     process handles) and still finds the running job, stops it (SIGINT: checkpoint, exit 130), and the next
-    job starts only then; the stopped one resumes from its checkpoint to the end."""
+    job starts only then (and fails, as its config asks); the stopped one resumes from its checkpoint to the
+    end."""
     out = tmp_path / "long"
     store = JobStore(tmp_path / "jobs")
     job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, out, epochs=4))
-    short = store.submit(write_config(tmp_path / "short.yaml", tiny_llama, pairs_csv, tmp_path / "short",
-                                      max_train_steps=2))
+    # queued behind it: a job whose preflight fails (a real process, quick), so `failed` is seen for real too
+    short = store.submit(write_config(tmp_path / "short.yaml", tmp_path / "no-such-model", pairs_csv,
+                                      tmp_path / "short"))
     assert (job.state, short.state) == ("running", "queued")
 
     restarted = JobStore(tmp_path / "jobs")
@@ -73,7 +75,8 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
     again = restarted.resume(job.id)  # queued behind the short job, which started when the long one ended
     assert again.state == "queued" and again.resume_of == job.id and again.overrides[-1] == "resume_from=latest"
     short = wait_for(restarted, short.id, ("finished", "failed"))
-    assert short.state == "finished" and short.started >= job.ended - 1.5 and steps_done(tmp_path / "short") == [1, 2]
+    assert short.state == "failed" and short.exit_code == 2 and short.started >= job.ended - 1.5
+    assert "no-such-model: no such file or folder" in restarted.log_path(short.id).read_text()
     again = wait_for(restarted, again.id, ("finished", "failed"))
     assert again.state == "finished", restarted.log_path(again.id).read_text()[-2000:]
     assert "done: 24 steps" in restarted.log_path(again.id).read_text()
