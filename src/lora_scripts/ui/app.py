@@ -201,21 +201,20 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
     def get_job(job_id: str) -> dict:
         return asdict(job_or_404(job_id))
 
-    @app.post("/api/jobs/{job_id}/stop")
-    def stop_job(job_id: str) -> dict:
+    def act(job_id: str, action) -> dict:  # 404 for an unknown job, 409 for an action that does not apply
         job_or_404(job_id)
         try:
-            return asdict(store.stop(job_id))
+            return asdict(action(job_id))
         except JobError as exc:
             raise HTTPException(409, str(exc)) from None
 
+    @app.post("/api/jobs/{job_id}/stop")
+    def stop_job(job_id: str) -> dict:
+        return act(job_id, store.stop)
+
     @app.post("/api/jobs/{job_id}/resume")
     def resume_job(job_id: str) -> dict:
-        job_or_404(job_id)
-        try:
-            return asdict(store.resume(job_id))
-        except JobError as exc:
-            raise HTTPException(409, str(exc)) from None
+        return act(job_id, store.resume)
 
     @app.get("/api/jobs/{job_id}/log", response_class=PlainTextResponse)
     def job_log(job_id: str, tail: int = 200) -> str:

@@ -39,8 +39,11 @@ def save_captions(folder: Path, changes: dict[str, str]) -> int:
     """Write `changes` (image key -> caption) with every other image's current caption into metadata.csv;
     the number of captions changed. An unknown key or an empty caption is refused before anything is written."""
     folder = Path(folder)
-    rows, _ = image_captions(folder)
-    current = {r["key"]: r["caption"] for r in rows}
+    return _save(folder, {r["key"]: r["caption"] for r in image_captions(folder)[0]}, changes)
+
+
+def _save(folder: Path, current: dict[str, str | None], changes: dict[str, str]) -> int:
+    """save_captions with the folder's current captions already read (the edits below read them first)."""
     unknown = sorted(set(changes) - set(current))
     if unknown:
         raise CaptionEditError(f"no such image in {folder.name}: {', '.join(unknown[:5])}")
@@ -60,9 +63,9 @@ def replace_in_captions(folder: Path, find: str, replace: str) -> int:
     """Every caption with `find` replaced by `replace`; the number of captions changed."""
     if not find:
         raise CaptionEditError("nothing to find")
-    rows, _ = image_captions(folder)
-    changes = {r["key"]: r["caption"].replace(find, replace) for r in rows if r["caption"] and find in r["caption"]}
-    return save_captions(folder, changes) if changes else 0
+    current = {r["key"]: r["caption"] for r in image_captions(folder)[0]}
+    changes = {k: c.replace(find, replace) for k, c in current.items() if c and find in c}
+    return _save(Path(folder), current, changes) if changes else 0
 
 
 def prepend_trigger(folder: Path, word: str) -> int:
@@ -70,7 +73,6 @@ def prepend_trigger(folder: Path, word: str) -> int:
     word = word.strip().strip(",").strip()
     if not word:
         raise CaptionEditError("the trigger word is empty")
-    rows, _ = image_captions(folder)
-    changes = {r["key"]: f"{word}, {r['caption']}" for r in rows
-               if r["caption"] and r["caption"].split(",")[0].strip() != word}
-    return save_captions(folder, changes) if changes else 0
+    current = {r["key"]: r["caption"] for r in image_captions(folder)[0]}
+    changes = {k: f"{word}, {c}" for k, c in current.items() if c and c.split(",")[0].strip() != word}
+    return _save(Path(folder), current, changes) if changes else 0
