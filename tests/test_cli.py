@@ -58,7 +58,7 @@ def test_generate_answers_prompts_with_a_weighted_adapter(tiny_llama, pairs_csv,
 
     out = tmp_path / "a"
     train_llm(load_config(None, [f"base_model={tiny_llama}", f"metadata_path={pairs_csv}", f"output_dir={out}",
-                                 "epochs=1", "max_new_tokens=4"]), progress=False)
+                                 "epochs=1", "max_new_tokens=4", "learning_rate=2e-2"]), progress=False)
     prompts = tmp_path / "p.txt"
     prompts.write_text("first question\n\nsecond question\n")
     code = main(["generate", "--base", str(tiny_llama), "--lora", f"{out}:0.7", "--prompts-file", str(prompts),
@@ -68,6 +68,17 @@ def test_generate_answers_prompts_with_a_weighted_adapter(tiny_llama, pairs_csv,
     assert text.count(">>> ") == 2 and ">>> second question" in text
     assert main(["generate", "--base", str(tiny_llama), "--lora", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+    # --compare (the UI's base-vs-tuned): the base's reply, then the adapter's, each as generate alone gives it
+    def answer(*extra):
+        assert main(["generate", "--base", str(tiny_llama), "--prompt", "How do I brew tea?", *extra]) == 0
+        return capsys.readouterr().out
+
+    plain, tuned = answer(), answer("--lora", str(out))
+    assert plain != tuned
+    assert answer("--lora", str(out), "--compare") == f"[base]\n{plain}[with the adapter]\n{tuned}"
+    assert main(["generate", "--base", str(tiny_llama), "--prompt", "x", "--compare"]) == 2
+    assert "give --lora as well" in capsys.readouterr().err
 
 
 def test_demo_outside_the_project_folder_says_where_to_run_it(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,9 @@
 """The image workflow as the description walks it: YAML → train.py → <lora:cyberpunk_night:0.8>."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -33,6 +35,14 @@ def test_train_then_generate_with_webui_lora_syntax(tiny_sd15, style_images, tmp
     line = capsys.readouterr().out.strip()
     assert line.endswith("futuristic cityscape, neon lights <cyberpunk_night.safetensors:0.8>")
     assert (tmp_path / "gen" / "000_seed0.png").exists()
+    # --same-seed (the UI's strength x prompt grid): strength 0 is the base model itself, 1 is not
+    code = main(["generate", "--base", str(ckpt), "--model-config-dir", str(cfg_dir), "--lora-dir", str(out),
+                 "--prompt", "neon", "--prompt", "neon <lora:cyberpunk_night:0>", "--prompt", "neon <lora:cyberpunk_night:1>",
+                 "--same-seed", "--seed", "7", "--steps", "2", "--width", "64", "--height", "64", "--out", str(tmp_path / "xy")])
+    assert code == 0
+    capsys.readouterr()
+    plain, zero, one = (np.asarray(Image.open(tmp_path / "xy" / f"{i:03d}_seed7.png")) for i in range(3))
+    assert np.array_equal(plain, zero) and not np.array_equal(plain, one)
     code = main(["generate", "--base", str(ckpt), "--model-config-dir", str(cfg_dir), "--lora-dir", str(out),
                  "--prompt", "<lora:missing_style:1>, x", "--steps", "1", "--out", str(tmp_path / "gen")])
     assert code == 2 and "no missing_style.safetensors" in capsys.readouterr().err

@@ -10,6 +10,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_scripts.cli_support import EXIT_BAD_INPUT, EXIT_STOPPED
+from lora_scripts.cli_support import fail as _fail
+from lora_scripts.generate_verbs import add_export, add_generate, cmd_export, cmd_generate
+
 # the web UI's verb (ui/verb.py) and the LoRA tools' verbs: their arguments and calls (nothing heavy at import)
 from lora_scripts.tools.verbs import (
     add_combine,
@@ -17,7 +21,6 @@ from lora_scripts.tools.verbs import (
     add_extract,
     add_inspect,
     add_merge,
-    add_prediction_flag,
     add_resize,
     cmd_combine,
     cmd_convert,
@@ -27,9 +30,6 @@ from lora_scripts.tools.verbs import (
     cmd_resize,
 )
 from lora_scripts.ui.verb import add_ui, cmd_ui
-
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 3
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -53,18 +53,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, CaptionFileError, DataError, LoraSpecError, LabelError, LaunchError, ModelTypeError,
             ModelLoadError, SDLoadError, RunLockedError, UnsafeFileError, LoraFormatError, ResumeError, LoraTagError,
             UnsupportedLaunchError, UIError, FileNotFoundError)
-
-
-def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
-
-
-def _lora_specs(specs: list[str]) -> list[tuple[Path, float]]:
-    """`--lora PATH[:WEIGHT]` arguments, parsed once: (path, strength) pairs for the library."""
-    from lora_scripts.export.peft import split_weight
-
-    return [(Path(p), w) for p, w in map(split_weight, specs)]
 
 
 def _load(args) -> object:
@@ -191,96 +179,6 @@ def cmd_validate(args) -> int:
     report = run_preflight(cfg)
     print(report.render())
     return 0 if report.ok else EXIT_BAD_INPUT
-
-
-# ---- generate / export -------------------------------------------------------------------------------
-
-
-def add_generate(p: argparse.ArgumentParser) -> None:
-    """generate with a base model plus LoRAs: LLM replies or SD images
-
-    lora-scripts generate --base smollm2-135m-instruct --lora output/demo_llm_style:0.8 --prompt 'Hi'
-    """
-    p.add_argument("--base", required=True,
-                   help="base model: an LLM (smollm2-135m-instruct, a folder, a .gguf) or an SD checkpoint/folder")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-                   help="a PEFT adapter folder (LLM) or a LoRA .safetensors (SD) and its strength (default 1.0); "
-                        "repeat to mix")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    sd = p.add_argument_group("Stable Diffusion")
-    sd.add_argument("--negative", default="", help="negative prompt")
-    sd.add_argument("--steps", type=int, default=25)
-    sd.add_argument("--guidance", type=float, default=7.0)
-    sd.add_argument("--width", type=int, default=None)
-    sd.add_argument("--height", type=int, default=None)
-    sd.add_argument("--lora-dir", default=".", help="where <lora:name:w> tags in a prompt are looked up")
-    sd.add_argument("--out", default="generated", help="folder for the PNG files")
-    sd.add_argument("--model-config-dir", default=None, help="diffusers config folder for a non-standard checkpoint")
-    add_prediction_flag(sd)
-
-
-def cmd_generate(args) -> int:
-    from lora_scripts.models.detect import detect_model_type
-
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    model_type = detect_model_type(args.base)
-    if model_type != "llm":
-        from lora_scripts.sd_generate import describe_image, generate_images
-
-        if not prompts:
-            return _fail("give --prompt or --prompts-file for image generation")
-        written = generate_images(
-            args.base, model_type, prompts, _lora_specs(args.lora), Path(args.out),
-            Path(args.lora_dir), Path(args.model_config_dir) if args.model_config_dir else None, args.negative,
-            args.steps, args.guidance, args.seed, args.width, args.height, args.v_parameterization)
-        for path, prompt, loras in written:
-            print(describe_image(path, prompt, loras))
-        return 0
-    from lora_scripts.llm_generate import chat, format_reply, generate_replies, load_with_adapters
-
-    try:
-        model, tokenizer = load_with_adapters(args.base, _lora_specs(args.lora))
-    except (OSError, ValueError) as exc:  # transformers' own words for a folder it cannot load
-        return _fail(str(exc))
-    if prompts:
-        for r in generate_replies(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
-                                  seed=args.seed):
-            print(format_reply(r))
-        return 0
-    print("chat with the model; an empty line or Ctrl-D quits", file=sys.stderr)
-    chat(model, tokenizer, args.max_new_tokens, args.temperature, args.seed)
-    return 0
-
-
-def add_export(p: argparse.ArgumentParser) -> None:
-    """write a merged model (base + adapter)
-
-    lora-scripts export --merge --base smollm2-135m-instruct --lora output/demo_llm_style --out merged/
-    """
-    p.add_argument("--merge", action="store_true", help="bake the adapter(s) into the base weights")
-    p.add_argument("--base", required=True, help="base model the adapter was trained on")
-    p.add_argument("--lora", action="append", required=True, metavar="DIR[:WEIGHT]")
-    p.add_argument("--out", required=True, help="output folder (a full transformers model)")
-
-
-def cmd_export(args) -> int:
-    from lora_scripts.export.peft import LoraSpecError
-    from lora_scripts.tools.model_ops import export_merged
-
-    if not args.merge:
-        return _fail("export needs --merge (format conversion comes with the LoRA tools)")
-    try:
-        out = export_merged(args.base, _lora_specs(args.lora), Path(args.out))
-    except (LoraSpecError, FileNotFoundError, OSError) as exc:
-        return _fail(str(exc))
-    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
-    return 0
 
 
 # ---- prepare / demo / not yet --------------------------------------------------------------------------

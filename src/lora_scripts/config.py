@@ -405,16 +405,16 @@ class TrainConfig(BaseModel):
 _YAML_TRUE, _YAML_FALSE = ("yes", "on", "true"), ("no", "off", "false")
 
 
-def _literal_words(annotation: Any) -> tuple[str, ...]:
+def literal_words(annotation: Any) -> tuple[str, ...]:
     if get_origin(annotation) is Literal:
         return tuple(a for a in get_args(annotation) if isinstance(a, str))
-    return tuple(w for arg in get_args(annotation) for w in _literal_words(arg))
+    return tuple(w for arg in get_args(annotation) for w in literal_words(arg))
 
 
 def _boolean_words() -> dict[str, dict[bool, str | None]]:
     table = {}
     for key, field in TrainConfig.model_fields.items():
-        words = _literal_words(field.annotation)
+        words = literal_words(field.annotation)
         true = next((w for w in _YAML_TRUE if w in words), None)
         false = next((w for w in _YAML_FALSE if w in words), None)
         if true or false:

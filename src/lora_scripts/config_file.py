@@ -88,10 +88,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **e
 
 def _format_errors(exc: ValidationError, where: dict[str, str], source: str) -> str:
     lines = []
+    for key, msg in error_messages(exc):
+        lines.append(f"{where.get(key, source)}: {msg}")
+    return "\n".join(lines)
+
+
+def error_messages(exc: ValidationError) -> list[tuple[str, str]]:
+    """(key, message) per problem; key "" for one about the config as a whole (two keys that contradict)."""
+    found = []
     for err in exc.errors():
         loc = err.get("loc") or ()
         key = str(loc[0]) if loc else ""
-        place = where.get(key, source)
         if err["type"] == "extra_forbidden":
             hint = suggest_key(key)
             msg = f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
@@ -104,5 +111,14 @@ def _format_errors(exc: ValidationError, where: dict[str, str], source: str) -> 
             msg = f"{key}: {err['msg'].removeprefix('Value error, ')} (got {value!r})"
             if isinstance(value, bool) and err["type"] == "literal_error":
                 msg += "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write one of the words above"
-        lines.append(f"{place}: {msg}")
-    return "\n".join(lines)
+        found.append((key, msg))
+    return found
+
+
+def check_values(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """The problems of a config given as a mapping (the UI's form), as error_messages gives them; [] if none."""
+    try:
+        TrainConfig(**values)
+    except ValidationError as exc:
+        return error_messages(exc)
+    return []

@@ -94,10 +94,10 @@ def describe_image(path: Path, prompt: str, loras: list[tuple[Path, float]]) -> 
 def generate_images(base: str, model_type: str, prompts: list[str], loras: list[tuple[Path, float]], out: Path,
                     lora_dir: Path = Path("."), model_config_dir: Path | None = None, negative: str = "",
                     steps: int = 25, guidance: float = 7.0, seed: int = 0, width: int | None = None,
-                    height: int | None = None, v_parameterization: bool | None = None,
+                    height: int | None = None, v_parameterization: bool | None = None, same_seed: bool = False,
                     ) -> list[tuple[Path, str, list[tuple[Path, float]]]]:
     """One PNG per prompt in `out`, each with `loras` plus the prompt's own `<lora:name:w>` tags (looked up
-    in `lora_dir`); prompt i uses seed + i. Returns (file, prompt without tags, LoRAs applied) per image.
+    in `lora_dir`); prompt i uses seed + i (seed itself when `same_seed`). Returns (file, prompt without tags, LoRAs applied) per image.
     Raises FileNotFoundError for a tag that names no file in `lora_dir`."""
     from lora_scripts.models.sd import load_sd
 
@@ -111,8 +111,9 @@ def generate_images(base: str, model_type: str, prompts: list[str], loras: list[
         applied = list(loras) + [(resolve_lora_name(name, lora_dir), w) for name, w in tags]
         model.pipe.unload_lora_weights()
         apply_loras(model.pipe, applied)
-        [image] = render(model, [prompt], negative=negative, steps=steps, guidance=guidance, seed=seed + i, size=size)
-        path = out / f"{i:03d}_seed{seed + i}.png"
+        image_seed = seed if same_seed else seed + i
+        [image] = render(model, [prompt], negative=negative, steps=steps, guidance=guidance, seed=image_seed, size=size)
+        path = out / f"{i:03d}_seed{image_seed}.png"
         image.save(path)
         written.append((path, prompt, applied))
     return written
