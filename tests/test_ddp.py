@@ -1,11 +1,15 @@
 """Several processes train as one: after one step every rank holds the same LoRA weights, equal to one
-process accumulating the same global batch. Both families, 2 CPU ranks over gloo under torchrun.
+process accumulating the same global batch. Both families, 2 CPU ranks over gloo: the LLM's under
+`accelerate launch --config_file configs/accelerate/ddp.yaml` (what `train --accelerate-config FILE` runs,
+test_llm_train.test_launch_commands; here with the shipped file), the SD ones under torchrun (what
+`--num-processes N` alone runs).
 
-The ranks run under torchrun in a subprocess (forking ranks from a pytest process whose OpenMP pool is
+The ranks run in a subprocess (forking ranks from a pytest process whose OpenMP pool is
 already running can hang), the one-process reference in the test's own process; both on the CPU
 (ACCELERATE_USE_CPU=1, also where a GPU is visible, so the reference computes as the ranks do).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -41,8 +45,8 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_two_ranks(tmp_path, family: str, args: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Two CPU ranks under torchrun; what each rank trained, by rank."""
+def run_two_ranks(tmp_path, family: str, args: list[str], accelerate: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Two CPU ranks under torchrun, or `accelerate launch` with the shipped ddp.yaml; what each rank trained."""
     folder = tmp_path / "ranks"
     folder.mkdir()
     script = folder / "rank.py"
@@ -50,9 +54,11 @@ def run_two_ranks(tmp_path, family: str, args: list[str]) -> list[dict[str, torc
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env.update(ACCELERATE_USE_CPU="1", LORA_SCRIPTS_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), family, str(folder), *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+    launcher = (["-m", "accelerate.commands.launch", "--config_file", str(shipped)] if accelerate else
+                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    proc = subprocess.run([sys.executable, *launcher, str(script), family, str(folder), *args], capture_output=True,
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [load_file(folder / f"rank{r}.safetensors") for r in range(2)]
 
@@ -86,7 +92,10 @@ def test_llm_two_ranks_equal_one_process_over_the_same_global_batch(tiny_llama, 
             "max_train_steps": 2, "learning_rate": 5e-3, "mixed_precision": "no", "seed": 5,
             "lora_type": "adalora", "lora_rank": 4, **kw}.items()]
 
-    ranks = run_two_ranks(tmp_path, "llm", args(tmp_path / "ddp"))
+    ranks = run_two_ranks(tmp_path, "llm", args(tmp_path / "ddp"), accelerate=True)
+    events = [json.loads(line) for line in (tmp_path / "ddp" / "events.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["event"] == "start")["processes"] == 2  # one log, by rank 0
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
     # one process, the two ranks' batches as two accumulated micro-batches (rank r's batch = micro-batch r)
     single = one_process(monkeypatch, tmp_path, "llm", args(tmp_path / "one", gradient_accumulation_steps=2))
     masked = [n for n, e in single.items() if "lora_E" in n and bool((e == 0).any())]

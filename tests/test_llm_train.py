@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +92,8 @@ def run_script(kill_at, args):
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_llama, pairs_csv, tmp_path):
     # dropout and accumulation make the RNG state and the group position matter; 3 steps per epoch, 9 in all
     common = dict(save_steps=2, lora_dropout=0.1, gradient_accumulation_steps=2, epochs=3)
-    # the uninterrupted run in this process (no interpreter to start), the killed one and its resume in their own
+    # the killed run in a process of its own; the uninterrupted run and the resume in this one (each builds its
+    # model, optimizer and data from the files, so nothing but the checkpoint carries over)
     llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, tmp_path / "full", **common)), progress=False)
 
     killed_dir = tmp_path / "killed"
@@ -102,8 +102,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_llama, pairs_csv, t
     assert [p.name for p in list_checkpoints(killed_dir)] == ["checkpoint-000002", "checkpoint-000004"]
     assert not (killed_dir / "adapter_model.safetensors").exists()
 
-    resumed = run_script(-1, overrides(tiny_llama, pairs_csv, killed_dir, resume_from="latest", **common))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, killed_dir, resume_from="latest", **common)),
+                        progress=False)
     events = [json.loads(line) for line in (killed_dir / "events.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]
     assert [s["step"] for s in starts] == [0, 4]
@@ -137,31 +137,6 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tiny_llama, pairs_csv, tmp
     assert str(out / "checkpoint-000002") in msg
     assert verify_checkpoint(out / "checkpoint-000002") is None
     assert not (out / "adapter_model.safetensors").exists()
-
-
-def test_two_rank_cpu_ddp_trains_one_output(tiny_llama, pairs_csv, tmp_path):
-    """`train --accelerate-config configs/accelerate/ddp.yaml` relaunches itself under `accelerate launch`
-    with the shipped file: 2 CPU ranks over gloo, one output.
-
-    Run as a subprocess: forking ranks from a pytest process whose OpenMP pool is already running can hang.
-    """
-    out = tmp_path / "ddp"
-    cfg = tmp_path / "ddp.yaml"
-    cfg.write_text("\n".join(a.replace("=", ": ", 1) for a in overrides(tiny_llama, pairs_csv, out, epochs=2, save_steps=2)))
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env["ACCELERATE_USE_CPU"] = "1"  # CPU ranks also where one GPU is visible
-    repo = Path(__file__).resolve().parents[1]  # through the train.py wrapper, as the README writes it
-    proc = subprocess.run([sys.executable, str(repo / "train.py"), "--config", str(cfg), "--accelerate-config",
-                           str(repo / "configs" / "accelerate" / "ddp.yaml"), "--no-progress"],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    start = next(e for e in events if e["event"] == "start")
-    assert start["processes"] == 2
-    # 24 samples = 6 batches of 4, split over 2 ranks -> 3 steps per epoch
-    assert start["total_steps"] == 6 and [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
-    assert (out / "adapter_model.safetensors").exists()
-    assert proc.stdout.count("done: 6 steps") == 1  # only rank 0 reports
 
 
 def test_launch_commands(tmp_path):

@@ -28,23 +28,43 @@ def sse(lines) -> list[tuple[str, dict]]:
     return found
 
 
-def test_a_job_runs_and_its_events_stream_to_the_end(served):
-    with TestClient(create_app(served)) as client:  # the app's refresh thread moves the job along
-        job = client.post("/api/jobs", json={"config": "run.yaml"}).json()
-        assert job["state"] == "running" and job["output_dir"] == str(served / "out" / "run")
-        with client.stream("GET", f"/api/jobs/{job['id']}/events") as response:
-            events = sse(response.iter_lines())
-        names = [data["event"] for kind, data in events if kind == "message"]
-        assert names[0] == "info" or "start" in names
-        assert [d["step"] for k, d in events if k == "message" and d["event"] == "step"] == [1, 2, 3]
-        assert "end" in names
-        last_kind, final = events[-1]
-        assert last_kind == "job" and final["state"] == "finished" and final["exit_code"] == 0
-        assert client.get("/api/jobs").json()[0]["state"] == "finished"
-        assert "done: 3 steps" in client.get(f"/api/jobs/{job['id']}/log").text
-        # a page opened later gets the same events from any point on
-        with client.stream("GET", f"/api/jobs/{job['id']}/events?since=1") as response:
-            assert len(sse(response.iter_lines())) == len(events) - 1
+def test_events_stream_as_they_are_written_and_a_reconnect_goes_on(served):
+    """The run page's stream: events.jsonl line by line as server-sent events (each with its line number as
+    id), a line still being written held back until its newline, the job's record as a last `job` event
+    once it has ended; a page that reconnects (EventSource's Last-Event-ID, or ?since=) gets only the rest.
+    A real training job streams in the browser tests (test_ui_e2e); here the file is written by hand, so
+    the partial line is certain."""
+    from lora_scripts.ui.jobs import Job
+
+    app = create_app(served, refresh=False)
+    store = app.state.store
+    out = served / "out" / "run"
+    out.mkdir(parents=True)
+    job = Job("20260101-000000-000001", str(served / "run.yaml"), str(out), state="running", created=1.0)
+    store._save(job)
+    lines = [{"event": "start", "step": 0}, {"event": "step", "step": 1, "loss": 2.5}, {"event": "step", "step": 2, "loss": 2.0}]
+    (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "ste')
+
+    def ended_soon():  # the job ends while the stream is open: the partial line is completed first
+        import time
+        time.sleep(1.2)
+        with open(out / "events.jsonl", "a") as fh:
+            fh.write('p", "step": 3, "loss": 1.5}\n')
+        store._save(Job(**{**job.__dict__, "state": "finished", "exit_code": 0}))
+
+    import threading
+    threading.Thread(target=ended_soon).start()
+    with TestClient(app) as client:
+        with client.stream("GET", f"/api/jobs/{job.id}/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            raw = list(response.iter_lines())
+        events = sse(raw)
+        assert [d["step"] for k, d in events if k == "message"] == [0, 1, 2, 3]
+        assert [line for line in raw if line.startswith("id: ")] == ["id: 0", "id: 1", "id: 2", "id: 3"]
+        assert events[-1][0] == "job" and events[-1][1]["state"] == "finished"
+        for reconnect in ({"headers": {"Last-Event-ID": "1"}}, {"params": {"since": 2}}):
+            with client.stream("GET", f"/api/jobs/{job.id}/events", **reconnect) as response:
+                assert [d["step"] for k, d in sse(response.iter_lines()) if k == "message"] == [2, 3]
 
 
 def test_config_keys_and_validation(served):
@@ -159,3 +179,99 @@ def test_the_ui_command_serves_the_api_and_wants_a_token_off_loopback(tmp_path, 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_files_config_form_table_and_uploads(served):
+    """The pickers' listing (the UI's own folder hidden), downloads, a config read into the form and saved
+    back with each problem under its key (an unknown key kept, with "did you mean"), an LLM dataset as a
+    table, and uploads: decoded before they are saved, never outside the folder, never over a file, never
+    larger than the limit."""
+    import io
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from lora_scripts.ui.files import UPLOAD_LIMIT
+
+    (served / ".lora-scripts-ui").mkdir()
+    client = TestClient(create_app(served, refresh=False))
+    names = [e["name"] for e in client.get("/api/files").json()["entries"]]
+    assert "run.yaml" in names and ".lora-scripts-ui" not in names
+    assert client.get("/api/file", params={"path": "run.yaml"}).text == (served / "run.yaml").read_text()
+    assert client.get("/api/files", params={"path": ".."}).status_code == 403
+
+    form = client.get("/api/config/file", params={"path": "run.yaml"}).json()
+    assert form["values"]["batch_size"] == 4 and form["errors"] == {}
+    values = {**form["values"], "lora_rank": 0, "lora_rnak": 4}
+    checked = client.post("/api/config/check", json={"values": values, "path": "configs/new.yaml"}).json()
+    assert checked["errors"] == {"lora_rank": ["lora_rank: Input should be greater than or equal to 1 (got 0)"],
+                                 "lora_rnak": ["lora_rnak: unknown key; did you mean lora_rank?"]}
+    saved = yaml.safe_load((served / "configs" / "new.yaml").read_text())
+    assert saved == values  # kept as typed, problems and all: nothing the user wrote is dropped
+    assert list(saved)[:2] == ["base_model", "metadata_path"]  # in the model's order, unknown keys last
+    assert list(saved)[-1] == "lora_rnak"
+    refused = client.post("/api/config/check", json={"values": values, "path": "notes.txt"})
+    assert refused.status_code == 422 and not (served / "notes.txt").exists()
+    keys = {k["name"]: k for k in client.get("/api/config/keys").json()}
+    assert keys["optimizer"]["widget"] == "choice" and "adafactor" in keys["optimizer"]["choices"]
+    assert keys["sample_prompts"]["widget"] == "list" and keys["v_parameterization"]["widget"] == "bool"
+    assert keys["lora_rank"]["group"] == "the adapter" and keys["epochs"]["group"] == "optimisation"
+
+    table = client.get("/api/dataset/table", params={"path": "metadata.csv"}).json()
+    assert table["total"] == 24 and table["rows"][0]["messages"][1]["content"].startswith("Hello friend!")
+
+    (served / "imgs").mkdir()
+    png = io.BytesIO()
+    Image.fromarray(np.full((12, 20, 3), 200, np.uint8)).save(png, format="PNG")
+
+    def upload(name, body):
+        return client.post("/api/dataset/upload", params={"folder": "imgs", "name": name}, content=body)
+
+    assert upload("a.png", png.getvalue()).json() == {"saved": "imgs/a.png", "width": 20, "height": 12}
+    assert upload("a.png", png.getvalue()).status_code == 409  # never over an existing file
+    assert upload("../../b.png", png.getvalue()).json()["saved"] == "imgs/b.png"  # the name, not a path
+    broken = upload("c.png", png.getvalue()[: len(png.getvalue()) // 2])  # a truncated PNG
+    assert broken.status_code == 422 and "not a readable image" in broken.json()["detail"]
+    assert upload("d.txt", b"hello").status_code == 422
+    assert upload("e.png", b"\0" * (UPLOAD_LIMIT + 1)).status_code == 413
+    assert sorted(p.name for p in (served / "imgs").iterdir()) == ["a.png", "b.png"]  # nothing else written
+
+
+def test_actions_queue_the_commands_a_user_would_type(served):
+    """Each results-page action is a `lora-scripts` command as a list of arguments, queued as a job. A job
+    that holds the device (this test process, recorded as running) keeps them queued, so they are looked at,
+    not run (they run in the browser tests)."""
+    import os
+
+    import psutil
+    import yaml
+
+    from lora_scripts.ui.jobs import Job
+
+    app = create_app(served, refresh=False)
+    store = app.state.store
+    out = served / "out" / "run"
+    out.mkdir(parents=True)
+    (out / "adapter_config.json").write_text("{}")
+    busy = Job("20260101-000000-000000", str(served / "run.yaml"), str(out), state="running", created=1.0,
+               pid=os.getpid(), pid_started=psutil.Process().create_time(),
+               command=["train", "--config", str(served / "run.yaml")])
+    store._save(busy)
+    client = TestClient(app)
+
+    compare = client.post("/api/commands/compare", json={"job": busy.id, "prompts": ["Why; rm -rf /?"]}).json()
+    assert compare["state"] == "queued" and compare["command"][:3] == ["generate", "--compare", "--base"]
+    assert compare["command"][-2:] == ["--prompt", "Why; rm -rf /?"]  # one argument, never a shell string
+    export = client.post("/api/commands/export", json={"job": busy.id}).json()
+    base = yaml.safe_load((served / "run.yaml").read_text())["base_model"]
+    assert export["command"] == ["export", "--merge", "--base", base, "--lora", str(out), "--out", str(out / "merged")]
+    label = client.post("/api/commands/label", json={"folder": "out", "trigger": "zxq"}).json()
+    assert label["command"] == ["label", "--input", str(out.parent), "--trigger", "zxq"]
+    assert client.post("/api/commands/label", json={"folder": "../"}).status_code == 403
+    assert client.post("/api/commands/grid", json={"job": busy.id}).status_code == 409  # no image LoRA in an LLM run
+    assert client.post("/api/commands/compare", json={"job": "nope", "prompts": ["x"]}).status_code == 404
+    assert client.post("/api/commands/compare", json={"job": label["id"], "prompts": ["x"]}).status_code == 409
+    assert client.post("/api/commands/convert", json={"path": "run.yaml", "to": "onnx"}).status_code == 422
+    store.refresh()  # nothing starts while the device is held
+    assert [j.state for j in store.jobs()] == ["running", "queued", "queued", "queued"]

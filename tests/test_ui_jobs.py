@@ -1,7 +1,7 @@
 """Jobs of the web UI: real `lora-scripts train` processes on a tiny Llama, followed through their records on
 disk: a queue of one at a time, a store opened afresh (the server restarted) finding a running job, stop
-(SIGINT, as Ctrl-C on a terminal: the step finished, a checkpoint, the resume line, exit 130; SIGTERM takes
-the same path, tested with `demo` in test_cli) and resume from that checkpoint, and what is refused."""
+(SIGINT to the job's process group) moving the queue on, resume queued, and what is refused. A stop's
+checkpoint and resume line, and a resume to the end, are followed in the browser (test_ui_e2e)."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import time
 import pytest
 
 from lora_scripts.config import ConfigError
-from lora_scripts.train.checkpoint import verify_checkpoint
 from lora_scripts.ui.jobs import Job, JobError, JobStore
 
 
@@ -34,21 +33,14 @@ def wait_for(store: JobStore, job_id: str, states: tuple[str, ...], timeout: flo
                          + store.log_path(job_id).read_text()[-2000:])
 
 
-def steps_done(out) -> list[int]:
-    events = out / "events.jsonl"
-    if not events.exists():
-        return []
-    return [e["step"] for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "step"]
-
-
-def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, tmp_path):
+def test_a_queue_that_survives_a_restart_and_moves_on_when_a_job_is_stopped(tiny_llama, pairs_csv, tmp_path):
     """One job at a time; the UI server restarts (a new store on the same folder, without the old one's
-    process handles) and still finds the running job, stops it (SIGINT: checkpoint, exit 130), and the next
-    job starts only then (and fails, as its config asks); the stopped one resumes from its checkpoint to the
-    end."""
-    out = tmp_path / "long"
+    process handles) and still finds the running job; stopping it (SIGINT to its process group) starts the
+    next one, which fails as its config asks; the stopped job is queued again to resume from its latest
+    checkpoint, behind it. What a stop leaves (the step finished, a checkpoint, exit 130, the resume line)
+    and a resume to the end are checked through the browser in test_ui_e2e, on a run long enough to have them."""
     store = JobStore(tmp_path / "jobs")
-    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, out, epochs=4))
+    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, tmp_path / "long", epochs=50))
     # queued behind it: a job whose preflight fails (a real process, quick), so `failed` is seen for real too
     short = store.submit(write_config(tmp_path / "short.yaml", tmp_path / "no-such-model", pairs_csv,
                                       tmp_path / "short"))
@@ -56,35 +48,22 @@ def test_a_queue_that_survives_a_restart_stop_and_resume(tiny_llama, pairs_csv, 
 
     restarted = JobStore(tmp_path / "jobs")
     assert [j.state for j in restarted.refresh()] == ["running", "queued"]  # found alive by pid + start time
-    end = time.time() + 180
-    while not steps_done(out) and time.time() < end:
-        time.sleep(0.1)
     assert restarted.stop(job.id).state == "stopping"
     job = wait_for(restarted, job.id, ("interrupted", "failed", "finished"))
-    assert job.state == "interrupted" and job.exit_code == 130, restarted.log_path(job.id).read_text()[-2000:]
-    stopped_at = steps_done(out)[-1]
-    checkpoint = out / f"checkpoint-{stopped_at:06d}"
-    assert stopped_at < 24 and verify_checkpoint(checkpoint) is None
-    log = restarted.log_path(job.id).read_text()  # what Ctrl-C prints on a terminal
-    assert "SIGINT received: finishing this step and saving a checkpoint" in log
-    assert f"checkpoint saved: {checkpoint}" in log
-    assert f"python train.py --config {tmp_path / 'long.yaml'} resume_from=latest" in log
+    assert job.state == "interrupted", restarted.log_path(job.id).read_text()[-2000:]
     with pytest.raises(JobError, match="only a queued or running job can be stopped"):
         restarted.stop(job.id)
 
     again = restarted.resume(job.id)  # queued behind the short job, which started when the long one ended
     assert again.state == "queued" and again.resume_of == job.id and again.overrides[-1] == "resume_from=latest"
+    assert again.command[-1] == "resume_from=latest"
     short = wait_for(restarted, short.id, ("finished", "failed"))
     assert short.state == "failed" and short.exit_code == 2 and short.started >= job.ended - 1.5
     assert "no-such-model: no such file or folder" in restarted.log_path(short.id).read_text()
-    again = wait_for(restarted, again.id, ("finished", "failed"))
-    assert again.state == "finished", restarted.log_path(again.id).read_text()[-2000:]
-    assert "done: 24 steps" in restarted.log_path(again.id).read_text()
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "start"] == [0, stopped_at]
-    assert steps_done(out)[-1] == 24 and (out / "adapter_model.safetensors").exists()
     with pytest.raises(JobError, match="only an interrupted or failed job can be resumed"):
-        restarted.resume(again.id)
+        restarted.resume(wait_for(restarted, again.id, ("running",)).id)
+    assert restarted.stop(again.id).state == "stopping"
+    assert wait_for(restarted, again.id, ("interrupted", "failed", "finished")).state == "interrupted"
 
 
 def test_a_reused_pid_is_not_taken_for_the_job_and_bad_requests_are_refused(tiny_llama, pairs_csv, tmp_path):

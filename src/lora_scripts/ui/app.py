@@ -4,7 +4,8 @@ Every path a request names is taken relative to the root the server was started 
 resolves outside it (`..`, absolute paths, symlinks out). Jobs live in `<root>/.lora-scripts-ui/jobs`
 (ui/jobs.py): the server holds no state of its own, so a restart finds them all again. With a token (needed
 to listen on anything but loopback) every request carries it: `Authorization: Bearer <token>`, or
-`?token=` for the browser's EventSource, which cannot set headers.
+`?token=` for the browser's EventSource and images, which cannot set headers. The page itself and its
+static files carry no data and load without it; the page then asks for the token.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from lora_scripts.config import ConfigError, TrainConfig
+from lora_scripts.config import ConfigError
+from lora_scripts.ui.commands import add_command_routes
+from lora_scripts.ui.config_form import config_keys
+from lora_scripts.ui.files import add_file_routes
 from lora_scripts.ui.jobs import FINAL, JobError, JobStore
 
 REFRESH_SECONDS = 1.0  # how often the server brings job records up to date (the queue moves on this tick)
+KEEP_ALIVE_SECONDS = 15.0  # an event stream with nothing new sends a comment this often: proxies keep it open
+STATIC = Path(__file__).parent / "static"
 
 
 class JobRequest(BaseModel):
@@ -49,27 +56,13 @@ def inside(root: Path, relative: str) -> Path:
     return path
 
 
-def config_keys() -> list[dict]:
-    """Every config key with its type, default, family and documentation: what the config form is made of."""
-    from lora_scripts.config_rules import IMAGE_ONLY_KEYS, LLM_ONLY_KEYS
-
-    keys = []
-    for name, info in TrainConfig.model_fields.items():
-        default = None if info.is_required() else info.get_default(call_default_factory=True)
-        keys.append({"name": name, "type": str(info.annotation).replace("typing.", ""),
-                     "default": json.loads(json.dumps(default, default=str)), "required": info.is_required(),
-                     "family": "image" if name in IMAGE_ONLY_KEYS else "llm" if name in LLM_ONLY_KEYS else "both",
-                     "doc": info.description or ""})
-    return keys
-
-
 async def event_stream(store: JobStore, job_id: str, since: int = 0):
     """The run's events.jsonl as server-sent events, from line `since` on, as they are written (each with its
     line number as id, so a page that reconnects asks for the rest); a last `job` event with the job's record
     once it has ended and every line was sent. The file is read on from where the last read stopped; a line
     still being written waits for its newline."""
     events = Path(store.get(job_id).output_dir) / "events.jsonl"
-    offset, number, partial = 0, 0, b""
+    offset, number, partial, quiet = 0, 0, b"", 0.0
     while True:
         ended = store.get(job_id).state in FINAL  # read before the file: nothing written after it is missed
         if events.exists():
@@ -81,11 +74,16 @@ async def event_stream(store: JobStore, job_id: str, since: int = 0):
             for line in lines:
                 if number >= since and line.strip():
                     yield f"id: {number}\ndata: {line.decode('utf-8')}\n\n"
+                    quiet = 0.0
                 number += 1
         if ended:
             yield f"event: job\ndata: {json.dumps(asdict(store.get(job_id)))}\n\n"
             return
+        if quiet >= KEEP_ALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
         await asyncio.sleep(0.5)
+        quiet += 0.5
 
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -94,8 +92,6 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 
 def add_dataset_routes(app: FastAPI, root: Path) -> None:
     """The dataset page's API: an image folder's captions (ui/dataset.py), their edits, the images."""
-    from fastapi.responses import FileResponse
-
     from lora_scripts.data.images import CaptionFileError
     from lora_scripts.ui.dataset import (
         CaptionEditError,
@@ -163,10 +159,22 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
     app = FastAPI(title="lora-scripts", lifespan=lifespan)
     app.state.store, app.state.root = store, root
     add_dataset_routes(app, root)
+    add_file_routes(app, root, inside)
+    add_command_routes(app, root, inside, store)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/about")
+    def about() -> dict:
+        """What the page shows in its header: the folder served and whether a token guards it."""
+        return {"root": str(root), "token": token is not None}
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if token is not None:
+        if token is not None and request.url.path.startswith("/api/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.query_params.get("token", "")
             if not secrets.compare_digest(given, token):
                 return JSONResponse({"detail": "this UI needs its token (Authorization: Bearer ...)"}, status_code=401)
@@ -223,9 +231,12 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
         return "\n".join(log.read_text(errors="replace").splitlines()[-tail:]) if log.exists() else ""
 
     @app.get("/api/jobs/{job_id}/events")
-    async def job_events(job_id: str, since: int = 0):
+    async def job_events(job_id: str, request: Request, since: int = 0):
         job_or_404(job_id)
-        return StreamingResponse(event_stream(store, job_id, since), media_type="text/event-stream")
+        last = request.headers.get("last-event-id", "")  # the browser's reconnect: go on after the last one
+        since = int(last) + 1 if last.isdigit() else since
+        return StreamingResponse(event_stream(store, job_id, since), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/api/config/keys")
     def keys() -> list[dict]:

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 from lora_scripts.data.images import CaptionTable, read_caption_csv, read_sidecar, scan_images
-from lora_scripts.label.writer import write_csv_atomic
 
 
 class CaptionEditError(ValueError):
@@ -44,6 +43,8 @@ def save_captions(folder: Path, changes: dict[str, str]) -> int:
 
 def _save(folder: Path, current: dict[str, str | None], changes: dict[str, str]) -> int:
     """save_captions with the folder's current captions already read (the edits below read them first)."""
+    from lora_scripts.label.writer import write_csv_atomic  # not at import: the label package brings torch
+
     unknown = sorted(set(changes) - set(current))
     if unknown:
         raise CaptionEditError(f"no such image in {folder.name}: {', '.join(unknown[:5])}")

@@ -1,7 +1,8 @@
 """Training jobs that outlive the browser tab and the UI server.
 
-A job is `lora-scripts train --config FILE [key=value ...]` run in a process group of its own (a new
-session), so closing the page, losing the connection or restarting the UI server leaves it running. All a
+A job is one `lora-scripts` command run in a process group of its own (a new session): mostly
+`train --config FILE [key=value ...]`, also the other device work the UI starts (`label`, `generate`,
+`export`, the LoRA tools), so closing the page, losing the connection or restarting the UI server leaves it running. All a
 job is lives on disk under the store's folder: `<id>.json` (the record, written by the store alone,
 atomically), `<id>.log` (the trainer's output) and `<id>.exit` (its exit code, written by the small runner
 that waits for it). The store keeps no state of its own: any store opened on the folder (the server after a
@@ -10,8 +11,8 @@ time, so a reused pid is never taken for it.
 
 States: queued -> running -> finished | failed | interrupted; `stop` makes a running job `stopping` (SIGINT:
 the trainer finishes its step, saves a checkpoint and exits 130) and, past the grace period, kills it.
-`resume` queues the same config again with `resume_from=latest`. One job runs at a time (one device);
-others wait in order.
+`resume` queues a training job's config again with `resume_from=latest`. One job runs at a time (one
+device); others wait in order.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class JobError(ValueError):
 @dataclass
 class Job:
     id: str
-    config: str  # the training config file
-    output_dir: str  # the run's folder: events.jsonl, checkpoints, the adapter
+    config: str  # the training config file ("" for other commands)
+    output_dir: str  # the run's folder (events.jsonl, checkpoints, the adapter), or where a command writes
     overrides: list[str] = field(default_factory=list)  # key=value, as on the command line
+    kind: str = "train"  # the lora-scripts verb: train, label, generate, export, convert, inspect, ...
+    command: list[str] = field(default_factory=list)  # the arguments after `lora-scripts` (never a shell string)
     state: str = "queued"
     created: float = 0.0
     started: float | None = None
@@ -57,6 +60,10 @@ class Job:
     exit_code: int | None = None
     resume_of: str | None = None  # the job this one continues
     cwd: str = "."  # where it runs: relative paths in its config are read from here
+
+
+def _new_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 class JobStore:
@@ -112,13 +119,22 @@ class JobStore:
         overrides = list(overrides or [])
         cwd = Path(cwd or Path.cwd()).resolve()
         cfg = load_config(config, overrides)
-        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        job = Job(job_id, str((cwd / config).resolve()), str((cwd / cfg.output_dir).resolve()), overrides,
-                  created=time.time(), resume_of=resume_of, cwd=str(cwd))
+        config = str((cwd / config).resolve())
+        return self._queue(Job(_new_id(), config, str((cwd / cfg.output_dir).resolve()), overrides, kind="train",
+                               command=["train", "--config", config, "--no-progress", *overrides],
+                               resume_of=resume_of, cwd=str(cwd)))
+
+    def submit_command(self, command: list[str], output_dir: Path, cwd: Path) -> Job:
+        """Queue another `lora-scripts` command (`["label", "--input", ...]`); `output_dir`: what it writes."""
+        return self._queue(Job(_new_id(), "", str(Path(output_dir).resolve()), kind=command[0],
+                               command=list(command), cwd=str(Path(cwd).resolve())))
+
+    def _queue(self, job: Job) -> Job:
+        job.created = time.time()
         with self._locked():
             self._save(job)
         self.refresh()
-        return self.get(job_id)
+        return self.get(job.id)
 
     def stop(self, job_id: str) -> Job:
         """SIGINT to a running job's process group (the trainer saves a checkpoint and exits); a queued job is
@@ -139,6 +155,8 @@ class JobStore:
     def resume(self, job_id: str) -> Job:
         """Queue the job's config again, continuing from its latest checkpoint."""
         job = self.get(job_id)
+        if job.kind != "train":
+            raise JobError(f"job {job_id} is a {job.kind} command; only training resumes from a checkpoint")
         if job.state not in ("interrupted", "failed"):
             raise JobError(f"job {job_id} is {job.state}; only an interrupted or failed job can be resumed")
         overrides = [o for o in job.overrides if not o.startswith("resume_from=")] + ["resume_from=latest"]
@@ -182,16 +200,16 @@ class JobStore:
         job.exit_code = int(exit_file.read_text()) if exit_file.exists() else None
         if job.exit_code == 0:
             job.state = "finished"
-        elif job.exit_code == EXIT_INTERRUPTED or (job.exit_code is None and job.stop_requested):
-            job.state = "interrupted"
+        elif job.exit_code == EXIT_INTERRUPTED or job.stop_requested:
+            job.state = "interrupted"  # stopped: with a checkpoint (130), or before it had trained anything
         else:
             job.state = "failed"  # an error (its message is in the log), or the runner itself was killed
         job.ended = time.time()
         self._save(job)
 
     def _start(self, job: Job) -> None:
-        command = [sys.executable, "-m", "lora_scripts.cli", "train", "--config", job.config, "--no-progress",
-                   *job.overrides]
+        command = [sys.executable, "-m", "lora_scripts.cli",
+                   *(job.command or ["train", "--config", job.config, "--no-progress", *job.overrides])]
         runner = [sys.executable, "-m", "lora_scripts.ui.runner", str(self._path(job.id, ".exit")),
                   str(self._path(job.id, ".log")), "--", *command]
         child = subprocess.Popen(runner, cwd=job.cwd, start_new_session=True, stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_GRACE_SECONDS = 2
 
 
 class UIError(ValueError):
@@ -14,7 +15,7 @@ class UIError(ValueError):
 
 
 def add_ui(p: argparse.ArgumentParser) -> None:
-    """serve the web UI's API over a folder (so far: training jobs that outlive the page, captions, config)
+    """serve the web UI over a folder: dataset, config, training jobs that outlive the page, results
 
     lora-scripts ui --root . --port 7860
     """
@@ -36,7 +37,11 @@ def cmd_ui(args) -> int:
 
     from lora_scripts.ui.app import create_app
 
-    print(f"lora-scripts ui: serving {root.resolve()} on http://{args.host}:{args.port}/api/ "
-          f"({'token required' if args.token else 'no token: this machine only'})", file=sys.stderr)
-    uvicorn.run(create_app(root, args.token), host=args.host, port=args.port, log_level="warning")
+    where = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+    print(f"lora-scripts ui: serving {root.resolve()} at {where}"
+          f"{'?token=...' if args.token else ''} ({'token required' if args.token else 'no token: this machine only'}); "
+          "training jobs keep running when this server stops", file=sys.stderr)
+    # an open page holds a live event stream: without a limit, stopping the server would wait for the job
+    uvicorn.run(create_app(root, args.token), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     return 0
