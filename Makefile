@@ -11,7 +11,7 @@ test: setup
 demo: setup
 	.venv/bin/lora-scripts demo
 
-# the web UI's server on http://127.0.0.1:7860 over this folder (its API so far; the pages come next)
+# the web UI on http://127.0.0.1:7860 over this folder (README "Web UI")
 ui: setup
 	.venv/bin/lora-scripts ui
 

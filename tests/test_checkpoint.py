@@ -146,3 +146,21 @@ def test_each_rank_gets_its_own_generator_back(tmp_path):
     expected = torch.rand(4)
     load_rng_state(tmp_path, 0)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_resumed_runs_history_goes_on_from_its_checkpoint(tmp_path):
+    """The loss curve of a run that was killed and resumed: one line through both parts, without what the
+    killed part logged after its last checkpoint (those steps were trained again)."""
+    import json
+
+    from lora_scripts.train.events import plot_loss_curve, whole_run
+
+    events = [{"event": "start", "step": 0}] + [{"event": "step", "step": s, "loss": 5.0 - s} for s in range(1, 6)]
+    events += [{"event": "checkpoint", "step": 3}, {"event": "info", "message": "killed at 5"}]
+    events += [{"event": "start", "step": 3}] + [{"event": "step", "step": s, "loss": 9.0 - s} for s in range(4, 8)]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    history = whole_run(tmp_path / "events.jsonl")
+    assert [(e["step"], e["loss"]) for e in history if e["event"] == "step"] == [
+        (1, 4.0), (2, 3.0), (3, 2.0), (4, 5.0), (5, 4.0), (6, 3.0), (7, 2.0)]
+    assert any(e["event"] == "info" for e in history)  # events without a step are kept
+    assert plot_loss_curve(history, tmp_path / "curve.png", "t").stat().st_size > 10_000

@@ -2,6 +2,7 @@
 events) to the end; the config's keys and validation; the token; paths outside the served folder refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -238,7 +239,7 @@ def test_files_config_form_table_and_uploads(served):
     assert sorted(p.name for p in (served / "imgs").iterdir()) == ["a.png", "b.png"]  # nothing else written
 
 
-def test_actions_queue_the_commands_a_user_would_type(served):
+def test_actions_queue_the_commands_a_user_would_type(served, tiny_sd15):
     """Each results-page action is a `lora-scripts` command as a list of arguments, queued as a job. A job
     that holds the device (this test process, recorded as running) keeps them queued, so they are looked at,
     not run (they run in the browser tests)."""
@@ -273,5 +274,26 @@ def test_actions_queue_the_commands_a_user_would_type(served):
     assert client.post("/api/commands/compare", json={"job": "nope", "prompts": ["x"]}).status_code == 404
     assert client.post("/api/commands/compare", json={"job": label["id"], "prompts": ["x"]}).status_code == 409
     assert client.post("/api/commands/convert", json={"path": "run.yaml", "to": "onnx"}).status_code == 422
+    # an SD run: its strength x prompt grid, one cell per prompt and strength, all with the run's seed
+    ckpt, config_dir = tiny_sd15
+    (served / "sd.yaml").write_text(yaml.safe_dump({"base_model": str(ckpt), "model_config_dir": str(config_dir),
+                                                    "train_data_dir": "imgs", "output_dir": "out/sd", "output_name": "neon",
+                                                    "resolution": 64, "seed": 9}))
+    (served / "out/sd").mkdir()
+    sd_run = Job("20260101-000000-000002", str(served / "sd.yaml"), str(served / "out/sd"), state="finished",
+                 created=2.0)
+    store._save(sd_run)
+    assert client.post("/api/commands/grid", json={"job": sd_run.id}).status_code == 409  # no LoRA file yet
+    (served / "out/sd/neon.safetensors").write_bytes(b"")
+    grid = client.post("/api/commands/grid", json={"job": sd_run.id, "prompts": ["city", "street"],
+                                                   "strengths": [0, 0.5]}).json()
+    cells = [grid["command"][i + 1] for i, a in enumerate(grid["command"]) if a == "--prompt"]
+    assert cells == ["city <lora:neon:0>", "city <lora:neon:0.5>", "street <lora:neon:0>", "street <lora:neon:0.5>"]
+    assert "--same-seed" in grid["command"] and grid["command"][grid["command"].index("--seed") + 1] == "9"
+    layout = json.loads((Path(grid["output_dir"]) / "grid.json").read_text())  # the results page's table
+    assert layout == {"prompts": ["city", "street"], "strengths": [0, 0.5]}
+    merge = client.post("/api/commands/export", json={"job": sd_run.id}).json()["command"]
+    assert merge[:2] == ["merge", "--base"] and merge[merge.index("--out") + 1].endswith("out/sd/neon-merged.safetensors")
+
     store.refresh()  # nothing starts while the device is held
-    assert [j.state for j in store.jobs()] == ["running", "queued", "queued", "queued"]
+    assert [j.state for j in store.jobs()] == ["running", "finished"] + ["queued"] * 5

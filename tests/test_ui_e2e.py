@@ -5,9 +5,11 @@ disk. Each page is saved as a screenshot (build/ui-screenshots, or $LORA_SCRIPTS
 LLM: the dataset as a table; a bad config value and its message; a run started from the config page; its
 loss curve getting points; the page reloaded and the UI server restarted mid-run, the job found again both
 times; stop (exit 130, the resume line in its log), resume, the end with a sample and the loss curve; the
-merged export; base vs tuned replies.
-SD: a caption edited and a trigger word put in front of all (metadata.csv and its backup); a bad value; a
-run with its sample grid, stopped, resumed, finished; a strength x prompt grid; the merged checkpoint.
+merged export. (Base vs tuned replies and the strength x prompt grid: their commands in test_ui_api, what
+they compute in test_cli and test_sd_cli; each is one more model-loading process here.)
+SD: a caption edited and a trigger word put in front of all (metadata.csv and its backup); an image
+uploaded, the preflight's "no caption" beside it, then captioned; a bad value; a run with its sample grids,
+stopped, resumed, finished; the merged checkpoint.
 """
 
 from __future__ import annotations
@@ -145,10 +147,10 @@ def llm_root(tmp_path, tiny_llama, pairs_csv):
     (root / "data").mkdir(parents=True)
     (root / "configs").mkdir()
     shutil.copy(pairs_csv, root / "data" / "pairs.csv")
-    # 25 epochs of 6 steps: long enough to reload the page and restart the server while it runs
+    # 20 epochs of 6 steps: long enough to reload the page and restart the server while it runs
     (root / "configs" / "llm.yaml").write_text(yaml.safe_dump({
         "base_model": str(tiny_llama), "metadata_path": "data/pairs.csv", "output_dir": "output/llm",
-        "batch_size": 4, "epochs": 25, "learning_rate": 5e-3, "mixed_precision": "no", "drift_check": False,
+        "batch_size": 4, "epochs": 20, "learning_rate": 5e-3, "mixed_precision": "no", "drift_check": False,
         "save_steps": 1000, "sample_prompts": ["How do I brew tea?"], "max_new_tokens": 8, "seed": 3}, sort_keys=False))
     return root
 
@@ -191,7 +193,7 @@ def test_llm_flow_in_the_browser(page, llm_root):
         events = [json.loads(x) for x in (llm_root / "output/llm/events.jsonl").read_text().splitlines()]
         stopped_at = [e["step"] for e in events if e["event"] == "step"][-1]
         checkpoint = llm_root / f"output/llm/checkpoint-{stopped_at:06d}"
-        assert stopped_at < 150 and verify_checkpoint(checkpoint) is None
+        assert stopped_at < 120 and verify_checkpoint(checkpoint) is None
         log = server.get(f"/api/jobs/{first}/log")
         assert "SIGINT received: finishing this step and saving a checkpoint" in log
         assert f"checkpoint saved: {checkpoint.relative_to(llm_root)}" in log
@@ -208,7 +210,7 @@ def test_llm_flow_in_the_browser(page, llm_root):
         assert resumed["resume_of"] == first and resumed["exit_code"] == 0
         events = [json.loads(x) for x in (llm_root / "output/llm/events.jsonl").read_text().splitlines()]
         steps = [e["step"] for e in events if e["event"] == "step"]
-        assert steps[-1] == 150 and len([e for e in events if e["event"] == "start"]) == 2
+        assert steps[-1] == 120 and len([e for e in events if e["event"] == "start"]) == 2
         shot(page, "run-llm-finished", full=True)
 
         page.click("text=Results")
@@ -218,20 +220,11 @@ def test_llm_flow_in_the_browser(page, llm_root):
         assert wait_job(server, merged)["state"] == "finished", server.get(f"/api/jobs/{merged}/log")
         assert (llm_root / "output/llm/merged/config.json").is_file()
 
-        page.goto(server.url + f"/#/results/{second}")
-        page.fill("#compare-prompt", "How do I brew tea?")
-        page.click("#compare")
-        compare = job_id(page)
-        wait_state(page, "finished")
-        page.wait_for_function("document.getElementById('log').textContent.includes('[with the adapter]')")
-        log = page.inner_text("#log")
-        assert log.index("[base]") < log.index("[with the adapter]") and log.count(">>> How do I brew tea?") == 2
-        shot(page, "compare-llm")
         page.goto(server.url + "/#/jobs")
-        page.wait_for_selector(f'tr[data-job="{compare}"]')
+        page.wait_for_selector(f'tr[data-job="{merged}"]')
         states = {row.get_attribute("data-job"): row.locator(".state").inner_text()
                   for row in page.locator("#jobs tbody tr").all()}
-        assert states == {first: "interrupted", second: "finished", merged: "finished", compare: "finished"}
+        assert states == {first: "interrupted", second: "finished", merged: "finished"}
         shot(page, "jobs")
     finally:
         server.stop()
@@ -246,6 +239,7 @@ def sd_root(tmp_path, tiny_sd15, style_images):
     root = tmp_path / "root"
     (root / "configs").mkdir(parents=True)
     shutil.copytree(style_images, root / "data" / "style")
+    shutil.copy(style_images / "img1.png", tmp_path / "new.png")  # to be uploaded through the page
     (root / "configs" / "sd.yaml").write_text(yaml.safe_dump({
         "base_model": str(ckpt), "model_config_dir": str(config_dir), "train_data_dir": "data/style",
         "output_dir": "output/sd", "output_name": "neon", "resolution": 64, "batch_size": 2, "repeats": 1,
@@ -270,7 +264,19 @@ def test_sd_flow_in_the_browser(page, sd_root):
         meta = (sd_root / "data/style/metadata.csv").read_text()
         assert "zxq style, neon city at dawn, wet street" in meta and meta.count("zxq style, ") == 6
         assert "neon city at dawn" in (sd_root / "data/style/metadata.csv.bak").read_text()  # the file before
+        # a new image, uploaded through the page: decoded and saved; without a caption the preflight says so
+        # beside it, and once it has one the folder is ready
+        page.set_input_files("#upload", str(sd_root.parent / "new.png"))
+        page.wait_for_selector('[data-image="new.png"]')
+        page.fill("#check-config", "configs/sd.yaml")
+        page.click("#run-preflight")
+        page.wait_for_selector('[data-image="new.png"] .problem:text("no caption")')
         shot(page, "dataset-sd", full=True)
+        page.fill('textarea[data-key="new.png"]', "zxq style, neon city, a new view")
+        page.click("#save-captions")
+        page.wait_for_selector("#flash.ok")  # the page reloads and runs the preflight again
+        page.wait_for_function("document.querySelector('#findings li') && !document.querySelector('#findings li.error')")
+        assert page.inner_text('[data-image="new.png"] .problem') == ""
 
         page.goto(server.url + "/#/config?path=configs/sd.yaml")
         set_field(page, "resolution", "abc")
@@ -288,20 +294,14 @@ def test_sd_flow_in_the_browser(page, sd_root):
         page.wait_for_selector("#summary #loss-curve")
         wait_state(page, "finished")
         events = [json.loads(x) for x in (sd_root / "output/sd/events.jsonl").read_text().splitlines()]
-        assert [e["step"] for e in events if e["event"] == "step"][-1] == 36
+        total = next(e["total_steps"] for e in events if e["event"] == "start")
+        assert [e["step"] for e in events if e["event"] == "step"][-1] == total and total >= 36  # 7 images, 12 epochs
+        assert next(e["images"] for e in events if e["event"] == "start") == 7  # the uploaded one too
         assert server.get(f"/api/jobs/{second}")["resume_of"] == first
         shot(page, "run-sd", full=True)
 
         page.click("text=Results")
-        page.fill("#grid-prompts", "neon city\nrainy street")
-        page.fill("#grid-strengths", "0, 1")
-        page.click("#grid")
-        grid = job_id(page)
-        assert wait_job(server, grid)["state"] == "finished", server.get(f"/api/jobs/{grid}/log")
-        page.goto(server.url + f"/#/results/{second}")
-        page.wait_for_selector("table.grid-table img")
-        assert page.locator("table.grid-table img").count() == 4
-        page.wait_for_function("[...document.querySelectorAll('table.grid-table img')].every(i => i.naturalWidth > 0)")
+        page.wait_for_selector("#files")
         shot(page, "results-sd", full=True)
         page.click("#export")
         merged = job_id(page)

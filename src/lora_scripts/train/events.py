@@ -128,6 +128,18 @@ def adapter_title(cfg) -> str:
     return f"{ADAPTER_NAMES[cfg.lora_type]} r={cfg.lora_rank}"
 
 
+def whole_run(events_file: Path) -> list[dict]:
+    """Every event of a run from its events.jsonl, resumed parts included: a resume goes on from its
+    checkpoint, so what the earlier run logged after that step (lost with the kill) is left out."""
+    found: list[dict] = []
+    for line in Path(events_file).read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["event"] == "start" and event.get("step"):
+            found = [e for e in found if e.get("step") is None or e["step"] <= event["step"]]
+        found.append(event)
+    return found
+
+
 def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path | None:
     """Train loss per step (raw and smoothed), eval loss and retention (the drift signal) per epoch, as a PNG."""
     steps = [(e["step"], e["loss"]) for e in history if e["event"] == "step"]

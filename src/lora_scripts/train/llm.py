@@ -42,7 +42,7 @@ from lora_scripts.train.common import (
     weights_swapped,
 )
 from lora_scripts.train.drift import DriftCheck
-from lora_scripts.train.events import adapter_title, plot_loss_curve
+from lora_scripts.train.events import adapter_title, plot_loss_curve, whole_run
 from lora_scripts.train.plan import plan_steps
 from lora_scripts.train.run import start_run
 
@@ -326,7 +326,7 @@ def train_llm(cfg: TrainConfig, callback=None, progress: bool = True) -> TrainRe
             export_adapter(out_dir)
             if sample_prompts:
                 write_samples(core, tokenizer, sample_prompts, cfg, pos, events, out_dir, accelerator, final=True)
-            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
+            plot_loss_curve(whole_run(out_dir / "events.jsonl"), out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
             if budget:
                 events.emit("info", message=budget.summary())
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,

@@ -43,7 +43,7 @@ from lora_scripts.train.common import (
     lora_inputs_uncast,
     lora_param_groups,
 )
-from lora_scripts.train.events import Events, adapter_title, plot_loss_curve
+from lora_scripts.train.events import Events, adapter_title, plot_loss_curve, whole_run
 from lora_scripts.train.plan import plan_steps, share_batches
 from lora_scripts.train.run import start_run
 from lora_scripts.train.sd_caches import PromptEncoder, build_caches, unparked
@@ -357,7 +357,7 @@ def train_sd(cfg: TrainConfig, callback=None, progress: bool = True) -> SDTrainR
             export(out_dir)
             with unparked(parked, accelerator.device):
                 write_sample_grid(model, cfg, pos, events, out_dir, accelerator)
-            plot_loss_curve(events.history, out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
+            plot_loss_curve(whole_run(out_dir / "events.jsonl"), out_dir / "loss_curve.png", f"{cfg.name}: {adapter_title(cfg)}")
             if budget:
                 events.emit("info", message=budget.summary())
             events.emit("end", step=pos.step, final_loss=run.last_loss, skipped_steps=run.skipped_steps,

@@ -32,6 +32,10 @@ from lora_scripts.ui.jobs import FINAL, JobError, JobStore
 REFRESH_SECONDS = 1.0  # how often the server brings job records up to date (the queue moves on this tick)
 KEEP_ALIVE_SECONDS = 15.0  # an event stream with nothing new sends a comment this often: proxies keep it open
 STATIC = Path(__file__).parent / "static"
+# Requests run in a thread pool. The preflight and inspect import torch / transformers on first use, and
+# two threads importing transformers' lazy modules at once can fail ("cannot import name CLIPTextConfig",
+# seen here): they run one at a time.
+ONE_AT_A_TIME = threading.Lock()
 
 
 class JobRequest(BaseModel):
@@ -54,6 +58,19 @@ def inside(root: Path, relative: str) -> Path:
     if not path.is_relative_to(base):
         raise HTTPException(403, f"{relative}: outside the folder this UI serves ({base})")
     return path
+
+
+ROOTED_PATHS = ("train_data_dir", "metadata_path", "eval_data_path", "model_config_dir", "output_dir", "logging_dir")
+
+
+def rooted(cfg, root: Path):
+    """The config with its relative paths read from the root, as a job (run there) reads them: the server's
+    own working folder can be anywhere."""
+    changes = {name: root / getattr(cfg, name) for name in ROOTED_PATHS
+               if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_absolute()}
+    if not Path(cfg.base_model).is_absolute() and (root / cfg.base_model).exists():  # else an embedded name
+        changes["base_model"] = str(root / cfg.base_model)
+    return cfg.model_copy(update=changes)
 
 
 async def event_stream(store: JobStore, job_id: str, since: int = 0):
@@ -253,7 +270,8 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
             cfg = load_config(config, req.overrides)
         except ConfigError as exc:
             return {"ok": False, "errors": str(exc).splitlines(), "findings": []}
-        report = run_preflight(cfg)
+        with ONE_AT_A_TIME:
+            report = run_preflight(rooted(cfg, root))
         return {"ok": report.ok, "errors": report.errors,
                 "findings": [{"level": f.level, "message": f.message} for f in report.findings]}
 

@@ -147,9 +147,11 @@ def add_command_routes(app: FastAPI, root: Path, inside, store) -> None:
     def inspect(path: str) -> dict:
         from lora_scripts.export.lora_files import LoraFormatError
         from lora_scripts.tools.inspect_lora import describe
+        from lora_scripts.ui.app import ONE_AT_A_TIME
 
         try:
-            text, _ = describe(inside(root, path))
+            with ONE_AT_A_TIME:
+                text, _ = describe(inside(root, path))
         except (LoraFormatError, FileNotFoundError, ValueError) as exc:
             raise HTTPException(422, str(exc)) from None
         return {"text": text}

@@ -48,7 +48,7 @@ function el(tag, attrs, ...children) {
     else if (k === "checked") node.checked = !!v;
     else node.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) if (c !== undefined && c !== null && c !== false)
+  for (const c of children.flat(Infinity)) if (c !== undefined && c !== null && c !== false)
     node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return node;
 }

@@ -42,7 +42,8 @@ PAGES.dataset = async (main, _arg, params) => {
   }
   const find = el("input", { placeholder: "find", id: "find" }), replace = el("input", { placeholder: "replace with", id: "replace" });
   const trigger = el("input", { placeholder: "trigger word", id: "trigger" });
-  const configPath = el("input", { placeholder: "configs/my_lora.yaml", id: "check-config", size: 30 });
+  const configPath = el("input", { placeholder: "configs/my_lora.yaml", id: "check-config", size: 30,
+    value: params.get("config") || "" });
   const findings = el("ul", { class: "findings", id: "findings" });
   const upload = el("input", { type: "file", multiple: true, accept: "image/*", id: "upload" });
   upload.addEventListener("change", async () => {
@@ -54,13 +55,15 @@ PAGES.dataset = async (main, _arg, params) => {
     if (saved) { await reload(); flash(`${saved} image(s) added`, "ok"); }
   });
   async function preflight() {
+    params.set("config", configPath.value.trim());  // kept in the address: a save reloads the page with it
+    history.replaceState(null, "", "#/dataset?" + params.toString());
     const report = await guarded(() => api("/api/config/validate", { json: { config: configPath.value.trim() } }));
     if (!report) return;
-    findings.replaceChildren(...report.errors.map(m => el("li", { class: "error" }, m)),
+    findings.replaceChildren(...(report.findings.length ? [] : report.errors).map(m => el("li", { class: "error" }, m)),
       ...report.findings.map(f => el("li", { class: f.level }, `[${f.level}] ${f.message}`)));
     if (report.ok && !report.findings.length) findings.append(el("li", {}, "no findings: ready to train"));
     for (const c of cards.values()) {  // a finding that names an image shows beside it too
-      const about = report.findings.filter(f => f.message.includes(c.image.key));
+      const about = report.findings.filter(f => f.message.startsWith(c.image.key + ":"));
       c.problem.textContent = about.map(f => f.message).join("\n");
     }
   }
@@ -82,6 +85,7 @@ PAGES.dataset = async (main, _arg, params) => {
         }) }, "Auto-label with CLIP"), el("span", { class: "muted" }, "captions images that have none; runs as a job")),
       el("div", { class: "row" }, "Check with a config: ", configPath, el("button", { id: "run-preflight", onclick: preflight }, "Run the preflight"))),
     problems, findings, grid, el("h2", {}, "Another dataset"), choose);
+  if (configPath.value) preflight();  // after a save or upload: the findings of the folder as it is now
 };
 
 async function llmTable(path) {
