@@ -155,48 +155,8 @@ def add_dataset_routes(app: FastAPI, root: Path) -> None:
         return FileResponse(file, media_type=IMAGE_TYPES[file.suffix.lower()])
 
 
-def create_app(root: Path, token: str | None = None, refresh: bool = True) -> FastAPI:
-    """The app over `root`. `refresh`: a background thread moves jobs along (off in tests that tick by hand)."""
-    root = Path(root).resolve()
-    store = JobStore(root / ".lora-scripts-ui" / "jobs")
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(REFRESH_SECONDS):
-            store.refresh()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=tick, daemon=True) if refresh else None
-        if thread:
-            thread.start()
-        yield
-        stop.set()
-
-    app = FastAPI(title="lora-scripts", lifespan=lifespan)
-    app.state.store, app.state.root = store, root
-    add_dataset_routes(app, root)
-    add_file_routes(app, root, inside)
-    add_command_routes(app, root, inside, store)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/api/about")
-    def about() -> dict:
-        """What the page shows in its header: the folder served and whether a token guards it."""
-        return {"root": str(root), "token": token is not None}
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if token is not None and request.url.path.startswith("/api/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.query_params.get("token", "")
-            if not secrets.compare_digest(given, token):
-                return JSONResponse({"detail": "this UI needs its token (Authorization: Bearer ...)"}, status_code=401)
-        return await call_next(request)
-
+def add_job_routes(app: FastAPI, root: Path, store: JobStore) -> None:
+    """Jobs (submit, list, stop, resume, log, live events) and the config's keys and preflight."""
     def job_or_404(job_id: str):
         try:
             return store.get(job_id)
@@ -275,4 +235,48 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
         return {"ok": report.ok, "errors": report.errors,
                 "findings": [{"level": f.level, "message": f.message} for f in report.findings]}
 
+
+def create_app(root: Path, token: str | None = None, refresh: bool = True) -> FastAPI:
+    """The app over `root`. `refresh`: a background thread moves jobs along (off in tests that tick by hand)."""
+    root = Path(root).resolve()
+    store = JobStore(root / ".lora-scripts-ui" / "jobs")
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(REFRESH_SECONDS):
+            store.refresh()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=tick, daemon=True) if refresh else None
+        if thread:
+            thread.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="lora-scripts", lifespan=lifespan)
+    app.state.store, app.state.root = store, root
+    add_dataset_routes(app, root)
+    add_file_routes(app, root, inside)
+    add_command_routes(app, root, inside, store)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/about")
+    def about() -> dict:
+        """What the page shows in its header: the folder served and whether a token guards it."""
+        return {"root": str(root), "token": token is not None}
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token is not None and request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.query_params.get("token", "")
+            if not secrets.compare_digest(given, token):
+                return JSONResponse({"detail": "this UI needs its token (Authorization: Bearer ...)"}, status_code=401)
+        return await call_next(request)
+
+    add_job_routes(app, root, store)
     return app
