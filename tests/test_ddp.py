@@ -1,8 +1,7 @@
 """Several processes train as one: after one step every rank holds the same LoRA weights, equal to one
-process accumulating the same global batch. Both families, 2 CPU ranks over gloo: the LLM's under
+process accumulating the same global batch. Both families, 2 CPU ranks over gloo, launched with
 `accelerate launch --config_file configs/accelerate/ddp.yaml` (what `train --accelerate-config FILE` runs,
-test_llm_train.test_launch_commands; here with the shipped file), the SD ones under torchrun (what
-`--num-processes N` alone runs).
+test_llm_train.test_launch_commands; here with the shipped file), each rank training both families in turn.
 
 The ranks run in a subprocess (forking ranks from a pytest process whose OpenMP pool is
 already running can hang), the one-process reference in the test's own process; both on the CPU
@@ -37,30 +36,32 @@ def trained_state(family: str, args: list[str]) -> dict[str, torch.Tensor]:
 
 
 RANK_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     from safetensors.torch import save_file
     from test_ddp import trained_state
-    family, out = sys.argv[1], sys.argv[2]
-    save_file(trained_state(family, sys.argv[3:]), f"{out}/rank{os.environ['RANK']}.safetensors")
+    out, runs = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    for family, args in runs.items():  # both families in the same ranks: one launch, one set of imports
+        save_file(trained_state(family, args), f"{out}/{family}-rank{os.environ['RANK']}.safetensors")
 """)
 
 
-def run_two_ranks(tmp_path, family: str, args: list[str], accelerate: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Two CPU ranks under torchrun, or `accelerate launch` with the shipped ddp.yaml; what each rank trained."""
+def run_two_ranks(tmp_path, runs: dict[str, list[str]]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Two CPU ranks under `accelerate launch` with the shipped ddp.yaml, each training every family in
+    `runs` in turn; what each rank trained, by family and rank."""
     folder = tmp_path / "ranks"
     folder.mkdir()
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
+    (folder / "runs.json").write_text(json.dumps(runs))
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env.update(ACCELERATE_USE_CPU="1", LORA_SCRIPTS_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
-    launcher = (["-m", "accelerate.commands.launch", "--config_file", str(shipped)] if accelerate else
-                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
-    proc = subprocess.run([sys.executable, *launcher, str(script), family, str(folder), *args], capture_output=True,
-                          text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped),
+                           str(script), str(folder), str(folder / "runs.json")], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [load_file(folder / f"rank{r}.safetensors") for r in range(2)]
+    return {family: [load_file(folder / f"{family}-rank{r}.safetensors") for r in range(2)] for family in runs}
 
 
 def one_process(monkeypatch, tmp_path, family: str, args: list[str]) -> dict[str, torch.Tensor]:
@@ -83,37 +84,36 @@ def assert_same_step(ranks, single: dict[str, torch.Tensor]) -> None:
     assert any(bool(single[n].any()) for n in zero_init)  # the step changed something
 
 
-def test_llm_two_ranks_equal_one_process_over_the_same_global_batch(tiny_llama, pairs_csv, tmp_path, monkeypatch):
-    """With AdaLoRA, so the rank allocation, which reads the gradients after the optimizer step, is checked
-    too: step 1 scores and masks, step 2 fixes the ranks; every rank must cut the same triplets."""
-    def args(out, **kw):
+def test_two_ranks_equal_one_process_over_the_same_global_batch(tiny_llama, pairs_csv, tiny_sd15, style_images,
+                                                               tmp_path, monkeypatch):
+    """The LLM with AdaLoRA, so the rank allocation, which reads the gradients after the optimizer step, is
+    checked too: step 1 scores and masks, step 2 fixes the ranks; every rank must cut the same triplets.
+    SD with its text encoder trained as well."""
+    ckpt, cfg_dir = tiny_sd15
+
+    def llm(out, **kw):
         return [f"{k}={v}" for k, v in {
             "base_model": tiny_llama, "metadata_path": pairs_csv, "output_dir": out, "batch_size": 4,
             "max_train_steps": 2, "learning_rate": 5e-3, "mixed_precision": "no", "seed": 5,
             "lora_type": "adalora", "lora_rank": 4, **kw}.items()]
 
-    ranks = run_two_ranks(tmp_path, "llm", args(tmp_path / "ddp"), accelerate=True)
-    events = [json.loads(line) for line in (tmp_path / "ddp" / "events.jsonl").read_text().splitlines()]
-    assert next(e for e in events if e["event"] == "start")["processes"] == 2  # one log, by rank 0
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
-    # one process, the two ranks' batches as two accumulated micro-batches (rank r's batch = micro-batch r)
-    single = one_process(monkeypatch, tmp_path, "llm", args(tmp_path / "one", gradient_accumulation_steps=2))
-    masked = [n for n, e in single.items() if "lora_E" in n and bool((e == 0).any())]
-    assert masked and all(torch.equal(ranks[0][n] == 0, single[n] == 0) for n in masked)  # the same triplets cut
-    assert_same_step(ranks, single)
-
-
-def test_sd_two_ranks_equal_one_process_over_the_same_global_batch(tiny_sd15, style_images, tmp_path, monkeypatch):
-    ckpt, cfg_dir = tiny_sd15
-
-    def args(out, **kw):
+    def sd(out, **kw):
         return [f"{k}={v}" for k, v in {
             "base_model": ckpt, "model_config_dir": cfg_dir, "model_type": "sd15", "train_data_dir": style_images,
             "output_dir": out, "resolution": 64, "batch_size": 1, "repeats": 1, "max_train_steps": 1,
             "lora_rank": 4, "learning_rate": 1e-3, "text_encoder_lr": 1e-3, "mixed_precision": "no",
             "sample_every_n_epochs": "null", "seed": 5, **kw}.items()]
 
-    ranks = run_two_ranks(tmp_path, "sd", args(tmp_path / "ddp"))
-    single = one_process(monkeypatch, tmp_path, "sd", args(tmp_path / "one", gradient_accumulation_steps=2))
+    ranks = run_two_ranks(tmp_path, {"llm": llm(tmp_path / "ddp-llm"), "sd": sd(tmp_path / "ddp-sd")})
+    events = [json.loads(line) for line in (tmp_path / "ddp-llm" / "events.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["event"] == "start")["processes"] == 2  # one log, by rank 0
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    # one process, the two ranks' batches as two accumulated micro-batches (rank r's batch = micro-batch r)
+    single = one_process(monkeypatch, tmp_path, "llm", llm(tmp_path / "one-llm", gradient_accumulation_steps=2))
+    masked = [n for n, e in single.items() if "lora_E" in n and bool((e == 0).any())]
+    assert masked and all(torch.equal(ranks["llm"][0][n] == 0, single[n] == 0) for n in masked)  # the same cut
+    assert_same_step(ranks["llm"], single)
+
+    single = one_process(monkeypatch, tmp_path, "sd", sd(tmp_path / "one-sd", gradient_accumulation_steps=2))
     assert any(n.startswith("te0.") and "lora_B" in n for n in single)  # the text-encoder LoRA is trained too
-    assert_same_step(ranks, single)
+    assert_same_step(ranks["sd"], single)

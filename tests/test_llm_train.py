@@ -174,50 +174,6 @@ def test_sharded_launches_are_refused_before_any_work():
     assert sorted(refused) == ["DEEPSPEED", "FSDP", "MEGATRON_LM"]
 
 
-RELOAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    base_dir, adapter_dir, ids_path, out_path = sys.argv[1:5]
-    ids = torch.load(ids_path)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(base_dir)
-        plain.load_adapter(adapter_dir)  # transformers' own adapter loading
-        hf_logits = plain.eval()(input_ids=ids).logits
-    torch.save({"peft": peft_logits, "hf": hf_logits}, out_path)
-""")
-
-
-def test_adapter_reloads_in_fresh_process_and_merged_export_matches(tiny_llama, pairs_csv, tmp_path):
-    from lora_scripts.cli import main
-
-    out = tmp_path / "run"
-    result = llm_train.train_llm(load_config(None, overrides(tiny_llama, pairs_csv, out)), progress=False)
-    ids = torch.tensor([[1, 520, 3000, 12, 77, 4000, 9]])
-    with torch.no_grad():  # on the device it trained on (a GPU where there is one), compared on the CPU
-        trained = result.model.eval()(input_ids=ids.to(result.model.device)).logits.cpu()
-    torch.save(ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(tiny_llama), str(out), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reloaded = torch.load(tmp_path / "logits.pt")
-    assert float((reloaded["peft"] - trained).abs().max()) <= 1e-5
-    assert float((reloaded["hf"] - trained).abs().max()) <= 1e-5
-    # and the training actually changed the model
-    with torch.no_grad():
-        base_logits = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
-    assert float((base_logits - trained).abs().max()) > 1e-3
-
-    merged_dir = tmp_path / "merged"
-    assert main(["export", "--merge", "--base", str(tiny_llama), "--lora", str(out), "--out", str(merged_dir)]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    with torch.no_grad():
-        assert float((merged(input_ids=ids).logits - trained).abs().max()) <= 1e-4
-    assert not any("lora" in k for k in merged.state_dict())
-
-
 def test_weighted_adapters_apply_the_weighted_sum_of_updates(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 

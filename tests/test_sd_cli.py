@@ -64,7 +64,7 @@ def test_sdxl_trains_and_exports_sgm_names(tmp_path, style_images):
     ckpt, cfg_dir = save_single_file(build_tiny_sd("sdxl"), tmp_path / "tiny-sdxl.safetensors",
                                      tmp_path / "tiny-sdxl-config")
     cfg = load_config(None, [f"base_model={ckpt}", f"model_config_dir={cfg_dir}", f"train_data_dir={style_images}",
-                             f"output_dir={tmp_path / 'xl'}", "resolution=128", "batch_size=2", "max_train_steps=2",
+                             f"output_dir={tmp_path / 'xl'}", "resolution=64", "batch_size=2", "max_train_steps=2",
                              "repeats=1", "lora_rank=4", "lora_alpha=6", "text_encoder_lr=1e-2", "learning_rate=1e-2", "save_precision=fp32",
                              "sample_every_n_epochs=null", "mixed_precision=bf16"])
     result = train_sd(cfg, progress=False)

@@ -155,7 +155,31 @@ def llm_root(tmp_path, tiny_llama, pairs_csv):
     return root
 
 
-def test_llm_flow_in_the_browser(page, llm_root):
+def adapter_loads_everywhere(base: Path, adapter: Path, merged: Path) -> None:
+    """The adapter the UI's job trained, loaded here, in a process that did not train it: by PEFT and by
+    transformers' own `load_adapter` alike, equal to the merged model the export job wrote, and not the base.
+    (That the saved adapter is the model as trained, in memory: test_real_smollm2 and test_lora_init.)"""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 520, 3000, 12, 77, 4000, 9]])
+    with torch.no_grad():
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+        by_peft = tuned(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)
+        plain.load_adapter(str(adapter))
+        by_transformers = plain.eval()(input_ids=ids).logits
+        baked = AutoModelForCausalLM.from_pretrained(merged).eval()
+        by_merged = baked(input_ids=ids).logits
+        by_base = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=ids).logits
+    assert float((by_transformers - by_peft).abs().max()) <= 1e-5
+    assert float((by_merged - by_peft).abs().max()) <= 1e-4
+    assert float((by_base - by_peft).abs().max()) > 1e-3  # training changed the model
+    assert not any("lora" in k for k in baked.state_dict())
+
+
+def test_llm_flow_in_the_browser(page, llm_root, tiny_llama):
     server = Server(llm_root)
     server.start()
     try:
@@ -219,6 +243,7 @@ def test_llm_flow_in_the_browser(page, llm_root):
         merged = job_id(page)
         assert wait_job(server, merged)["state"] == "finished", server.get(f"/api/jobs/{merged}/log")
         assert (llm_root / "output/llm/merged/config.json").is_file()
+        adapter_loads_everywhere(tiny_llama, llm_root / "output/llm", llm_root / "output/llm/merged")
 
         page.goto(server.url + "/#/jobs")
         page.wait_for_selector(f'tr[data-job="{merged}"]')

@@ -5,8 +5,10 @@ checkpoint and resume line, and a resume to the end, are followed in the browser
 
 import json
 import os
+import signal
 import time
 
+import psutil
 import pytest
 
 from lora_scripts.config import ConfigError
@@ -82,3 +84,26 @@ def test_a_reused_pid_is_not_taken_for_the_job_and_bad_requests_are_refused(tiny
     with pytest.raises(ConfigError, match="did you mean lora_rank"):
         store.submit(tmp_path / "broken.yaml")
     assert [j.id for j in store.jobs()] == [ghost.id]  # nothing queued for it
+
+
+def test_a_job_that_does_not_stop_in_time_is_killed(tiny_llama, pairs_csv, tmp_path):
+    """A hung job (frozen here with SIGSTOP, so SIGINT cannot end it): stop asks with SIGINT and, past the
+    grace period (here none), the next refresh kills the job's whole process group; it is recorded as
+    interrupted, with no exit code (its runner was killed too, so nothing wrote one)."""
+    store = JobStore(tmp_path / "jobs", stop_grace=0.0)
+    job = store.submit(write_config(tmp_path / "long.yaml", tiny_llama, pairs_csv, tmp_path / "long", epochs=50))
+    group = [p.pid for p in psutil.Process(job.pid).children(recursive=True)] + [job.pid]
+    os.killpg(job.pid, signal.SIGSTOP)
+    store.stop(job.id)
+    job = wait_for(store, job.id, ("interrupted", "failed", "finished"), timeout=30)
+    assert job.state == "interrupted" and job.exit_code is None
+    end = time.time() + 10
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(map(alive, group)):
+        assert time.time() < end, "the job's processes outlived the kill"
+        time.sleep(0.1)
