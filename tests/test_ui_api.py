@@ -29,14 +29,16 @@ def sse(lines) -> list[tuple[str, dict]]:
     return found
 
 
-def test_events_stream_as_they_are_written_and_a_reconnect_goes_on(served):
+def test_events_stream_as_they_are_written_and_a_reconnect_goes_on(served, monkeypatch):
     """The run page's stream: events.jsonl line by line as server-sent events (each with its line number as
     id), a line still being written held back until its newline, the job's record as a last `job` event
     once it has ended; a page that reconnects (EventSource's Last-Event-ID, or ?since=) gets only the rest.
     A real training job streams in the browser tests (test_ui_e2e); here the file is written by hand, so
     the partial line is certain."""
+    from lora_scripts.ui import app as ui_app
     from lora_scripts.ui.jobs import Job
 
+    monkeypatch.setattr(ui_app, "KEEP_ALIVE_SECONDS", 0.5)  # a quiet stream says it is alive (proxies close idle ones)
     app = create_app(served, refresh=False)
     store = app.state.store
     out = served / "out" / "run"
@@ -62,6 +64,7 @@ def test_events_stream_as_they_are_written_and_a_reconnect_goes_on(served):
         events = sse(raw)
         assert [d["step"] for k, d in events if k == "message"] == [0, 1, 2, 3]
         assert [line for line in raw if line.startswith("id: ")] == ["id: 0", "id: 1", "id: 2", "id: 3"]
+        assert ": keep-alive" in raw[raw.index("id: 2"):raw.index("id: 3")]  # sent while the line was unfinished
         assert events[-1][0] == "job" and events[-1][1]["state"] == "finished"
         for reconnect in ({"headers": {"Last-Event-ID": "1"}}, {"params": {"since": 2}}):
             with client.stream("GET", f"/api/jobs/{job.id}/events", **reconnect) as response:

@@ -96,6 +96,8 @@ PAGES.run = async (main, jobId) => {
     } else if (e.event === "sample") {
       replies.prepend(el("div", { class: "card sample" }, el("b", {}, `step ${e.step} · ${e.prompt}`),
         el("div", {}, e.text), e.stopped ? null : el("div", { class: "muted" }, "[max_new_tokens reached]")));
+    } else if (e.event === "info" && e.message.startsWith("samples written to")) {
+      // the grid itself is shown under Samples
     } else if (["warning", "error", "info", "checkpoint"].includes(e.event)) {
       const text = e.event === "checkpoint" ? `checkpoint at step ${e.step}: ${relative(e.path, UI.root)}` : e.message;
       notes.prepend(el("li", { class: e.event }, `[${e.event}] ${text}`));
