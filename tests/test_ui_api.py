@@ -270,8 +270,10 @@ def test_actions_queue_the_commands_a_user_would_type(served, tiny_sd15):
     export = client.post("/api/commands/export", json={"job": busy.id}).json()
     base = yaml.safe_load((served / "run.yaml").read_text())["base_model"]
     assert export["command"] == ["export", "--merge", "--base", base, "--lora", str(out), "--out", str(out / "merged")]
-    label = client.post("/api/commands/label", json={"folder": "out", "trigger": "zxq"}).json()
-    assert label["command"] == ["label", "--input", str(out.parent), "--trigger", "zxq"]
+    (served / "clip").mkdir()
+    label = client.post("/api/commands/label", json={"folder": "out", "trigger": "zxq", "clip_model": "clip"}).json()
+    assert label["command"] == ["label", "--input", str(out.parent), "--trigger", "zxq", "--clip-model", str(served / "clip")]
+    assert client.post("/api/commands/label", json={"folder": "out", "clip_model": "/"}).status_code == 403
     assert client.post("/api/commands/label", json={"folder": "../"}).status_code == 403
     assert client.post("/api/commands/grid", json={"job": busy.id}).status_code == 409  # no image LoRA in an LLM run
     assert client.post("/api/commands/compare", json={"job": "nope", "prompts": ["x"]}).status_code == 404
@@ -294,9 +296,17 @@ def test_actions_queue_the_commands_a_user_would_type(served, tiny_sd15):
     assert cells == ["city <lora:neon:0>", "city <lora:neon:0.5>", "street <lora:neon:0>", "street <lora:neon:0.5>"]
     assert "--same-seed" in grid["command"] and grid["command"][grid["command"].index("--seed") + 1] == "9"
     layout = json.loads((Path(grid["output_dir"]) / "grid.json").read_text())  # the results page's table
-    assert layout == {"prompts": ["city", "street"], "strengths": [0, 0.5]}
+    assert layout == {"prompts": ["city", "street"], "strengths": [0, 0.5], "lora": "out/sd/neon.safetensors"}
+    # the same grid with a checkpoint's LoRA: checkpoints side by side
+    (served / "out/sd/checkpoint-000004").mkdir()
+    (served / "out/sd/checkpoint-000004/neon.safetensors").write_bytes(b"")
+    early = client.post("/api/commands/grid", json={"job": sd_run.id, "adapter": "out/sd/checkpoint-000004",
+                                                    "prompts": ["city"]}).json()
+    assert early["command"][early["command"].index("--lora-dir") + 1] == str(served / "out/sd/checkpoint-000004")
+    assert early["output_dir"].endswith("-checkpoint-000004")
+    assert client.post("/api/commands/grid", json={"job": sd_run.id, "adapter": "../x"}).status_code == 403
     merge = client.post("/api/commands/export", json={"job": sd_run.id}).json()["command"]
     assert merge[:2] == ["merge", "--base"] and merge[merge.index("--out") + 1].endswith("out/sd/neon-merged.safetensors")
 
     store.refresh()  # nothing starts while the device is held
-    assert [j.state for j in store.jobs()] == ["running", "finished"] + ["queued"] * 5
+    assert [j.state for j in store.jobs()] == ["running", "finished"] + ["queued"] * 6

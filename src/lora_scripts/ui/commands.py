@@ -26,11 +26,12 @@ from lora_scripts.atomic import write_text_atomic
 class LabelRequest(BaseModel):
     folder: str
     trigger: str = ""
+    clip_model: str = ""  # a local CLIP folder under the root (default: the one in the Hugging Face cache)
 
 
 class RunAction(BaseModel):
     job: str  # the training job whose result is used
-    adapter: str = ""  # LLM: a checkpoint folder of the run instead of its final adapter (relative to the root)
+    adapter: str = ""  # a checkpoint folder of the run instead of its final adapter (relative to the root)
     prompts: list[str] = Field(default_factory=list)
     strengths: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
 
@@ -90,7 +91,10 @@ def add_command_routes(app: FastAPI, root: Path, inside, store) -> None:
         folder = inside(root, req.folder)
         if not folder.is_dir():
             raise HTTPException(404, f"{req.folder}: no such folder")
-        return queue(["label", "--input", str(folder)] + (["--trigger", req.trigger] if req.trigger else []), folder)
+        options = ["--trigger", req.trigger] if req.trigger else []
+        if req.clip_model:
+            options += ["--clip-model", str(inside(root, req.clip_model))]
+        return queue(["label", "--input", str(folder), *options], folder)
 
     @app.post("/api/commands/compare")
     def compare(action: RunAction) -> dict:
@@ -107,17 +111,19 @@ def add_command_routes(app: FastAPI, root: Path, inside, store) -> None:
     @app.post("/api/commands/grid")
     def grid(action: RunAction) -> dict:
         cfg, out = trained(action)
-        lora = out / f"{cfg.name}.safetensors"
+        lora_dir = inside(root, action.adapter) if action.adapter else out  # a checkpoint's, or the final one
+        lora = lora_dir / f"{cfg.name}.safetensors"
         if not lora.is_file():
             raise HTTPException(409, f"{lora.relative_to(root)}: the run has written no LoRA file yet")
         prompts = action.prompts or cfg.sample_prompts
         if not prompts or not action.strengths:
             raise HTTPException(422, "a grid needs at least one prompt and one strength")
-        folder = out / "xy" / time.strftime("%Y%m%d-%H%M%S")
+        folder = out / "xy" / (time.strftime("%Y%m%d-%H%M%S") + (f"-{lora_dir.name}" if action.adapter else ""))
         folder.mkdir(parents=True, exist_ok=True)  # grid.json says which image is which (the results page's table)
-        write_text_atomic(folder / "grid.json", json.dumps({"prompts": prompts, "strengths": action.strengths}))
+        write_text_atomic(folder / "grid.json", json.dumps({"prompts": prompts, "strengths": action.strengths,
+                                                            "lora": str(lora.relative_to(root))}))
         cells = [arg for p in prompts for s in action.strengths for arg in ("--prompt", f"{p} <lora:{cfg.name}:{s:g}>")]
-        return queue(["generate", "--base", cfg.base_model, "--lora-dir", str(out), "--same-seed", "--seed",
+        return queue(["generate", "--base", cfg.base_model, "--lora-dir", str(lora_dir), "--same-seed", "--seed",
                       str(cfg.seed), "--steps", str(cfg.sample_steps), "--guidance", str(cfg.sample_guidance),
                       "--negative", cfg.sample_negative_prompt, "--width", str(cfg.resolution), "--height",
                       str(cfg.resolution), "--out", str(folder), *sd_options(cfg), *cells], folder)

@@ -42,6 +42,7 @@ PAGES.dataset = async (main, _arg, params) => {
   }
   const find = el("input", { placeholder: "find", id: "find" }), replace = el("input", { placeholder: "replace with", id: "replace" });
   const trigger = el("input", { placeholder: "trigger word", id: "trigger" });
+  const clip = el("input", { placeholder: "CLIP folder (default: the Hugging Face cache)", id: "clip-model", size: 34 });
   const configPath = el("input", { placeholder: "configs/my_lora.yaml", id: "check-config", size: 30,
     value: params.get("config") || "" });
   const findings = el("ul", { class: "findings", id: "findings" });
@@ -80,9 +81,10 @@ PAGES.dataset = async (main, _arg, params) => {
         onclick: () => trigger.value.trim() && edit({ trigger: trigger.value }, "given the trigger word") }, "Put in front of all")),
       el("div", { class: "row" }, el("label", {}, "Add images ", upload),
         el("button", { id: "auto-label", onclick: () => guarded(async () => {
-          const job = await api("/api/commands/label", { json: { folder: path, trigger: trigger.value.trim() } });
+          const job = await api("/api/commands/label", { json: { folder: path, trigger: trigger.value.trim(),
+            clip_model: clip.value.trim() } });
           location.hash = "#/run/" + job.id;
-        }) }, "Auto-label with CLIP"), el("span", { class: "muted" }, "captions images that have none; runs as a job")),
+        }) }, "Auto-label with CLIP"), clip, el("span", { class: "muted" }, "captions images that have none; runs as a job")),
       el("div", { class: "row" }, "Check with a config: ", configPath, el("button", { id: "run-preflight", onclick: preflight }, "Run the preflight"))),
     problems, findings, grid, el("h2", {}, "Another dataset"), choose);
   if (configPath.value) preflight();  // after a save or upload: the findings of the folder as it is now

@@ -50,10 +50,12 @@ PAGES.results = async (main, jobId) => {
   } else {
     const prompts = el("textarea", { id: "grid-prompts", rows: 3 }, run.sample_prompts.join("\n"));
     const strengths = el("input", { id: "grid-strengths", value: "0, 0.5, 1" });
+    const checkpoint = el("select", { id: "grid-adapter" }, el("option", { value: "" }, "final LoRA"),
+      run.checkpoints.map(c => el("option", { value: `${run.output_dir}/${c}` }, c)));
     main.append(el("h2", {}, "Samples per epoch"), el("div", { class: "samples" }, run.samples.map(p =>
       el("figure", {}, el("img", { src: imageUrl(p) }), el("figcaption", {}, p.split("/").pop())))),
     el("h2", {}, "Strength x prompt"), el("div", { class: "card" }, prompts, el("div", { class: "row" }, "strengths ", strengths,
-      el("button", { class: "primary", id: "grid", onclick: () => startJob("/api/commands/grid", { job: jobId,
+      checkpoint, el("button", { class: "primary", id: "grid", onclick: () => startJob("/api/commands/grid", { job: jobId, adapter: checkpoint.value,
         prompts: prompts.value.split("\n").map(s => s.trim()).filter(Boolean),
         strengths: strengths.value.split(",").map(Number).filter(n => !isNaN(n)) }) }, "Render the grid"))));
     for (const folder of run.grids) main.append(await strengthGrid(folder));
@@ -68,7 +70,7 @@ async function strengthGrid(folder) {
   const layout = await api("/api/file?path=" + encodeURIComponent(folder + "/grid.json")).catch(() => null);
   if (!layout) return el("div", {});
   const n = layout.strengths.length;
-  return el("table", { class: "grid-table card", "data-grid": folder },
+  return el("table", { class: "grid-table card", "data-grid": folder }, el("caption", { class: "muted" }, layout.lora || folder),
     el("thead", {}, el("tr", {}, el("th", {}, "prompt \\ strength"), layout.strengths.map(s => el("th", {}, String(s))))),
     el("tbody", {}, layout.prompts.map((prompt, i) => el("tr", {}, el("td", {}, prompt), layout.strengths.map((s, j) => {
       const image = images[i * n + j];
