@@ -157,8 +157,10 @@ def test_launch_commands(tmp_path):
 
 
 def test_sharded_launches_are_refused_before_any_work():
-    """accelerate enables FSDP/DeepSpeed only on GPU machines; what a run does under each of its distributed
-    types is decided here: data-parallel and single-process types train, sharded ones are refused."""
+    """What a run does under each of accelerate's distributed types: data-parallel and single-process types
+    train, sharded ones are refused, also when accelerate turned an FSDP/DeepSpeed launch on CPUs into plain
+    data parallel (its environment says what the launch asked for; seen with accelerate 1.15: a 2-process
+    FSDP launch on this CPU machine ran as MULTI_CPU with ACCELERATE_USE_FSDP=true)."""
     from accelerate.utils import DistributedType
 
     from lora_scripts.train.errors import UnsupportedLaunchError
@@ -167,11 +169,16 @@ def test_sharded_launches_are_refused_before_any_work():
     refused = []
     for kind in DistributedType:
         try:
-            check_distributed_type(str(kind.value))
+            check_distributed_type(str(kind.value), environ={})
         except UnsupportedLaunchError as exc:
             assert "configs/accelerate/ddp.yaml" in str(exc)
             refused.append(kind.value)
     assert sorted(refused) == ["DEEPSPEED", "FSDP", "MEGATRON_LM"]
+    # an FSDP config launched on CPUs: accelerate makes it MULTI_CPU, its environment still says FSDP
+    for asked in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        with pytest.raises(UnsupportedLaunchError, match="shards the model"):
+            check_distributed_type("MULTI_CPU", environ={asked: "true"})
+    check_distributed_type("MULTI_CPU", environ={"ACCELERATE_USE_FSDP": "false"})
 
 
 def test_weighted_adapters_apply_the_weighted_sum_of_updates(tiny_llama, tmp_path):
