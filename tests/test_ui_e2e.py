@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,8 +38,8 @@ TIMEOUT_MS = 120_000
 class Server:
     """`lora-scripts ui --root ROOT --port PORT` as a user starts it; restartable on the same port."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, token: str | None = None):
+        self.root, self.token = root, token
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -46,12 +47,13 @@ class Server:
         self.proc = None
 
     def start(self) -> None:
+        token = ["--token", self.token] if self.token else []
         self.proc = subprocess.Popen([sys.executable, "-m", "lora_scripts.cli", "ui", "--root", str(self.root),
-                                      "--port", str(self.port)], stderr=subprocess.PIPE, text=True)
+                                      "--port", str(self.port), *token], stderr=subprocess.PIPE, text=True)
         end = time.time() + 60
         while True:
             try:
-                self.get("/api/about")
+                urllib.request.urlopen(self.url + "/", timeout=10).close()  # the page: served without a token
                 return
             except OSError:
                 if self.proc.poll() is not None or time.time() > end:
@@ -332,5 +334,29 @@ def test_sd_flow_in_the_browser(page, sd_root):
         merged = job_id(page)
         assert wait_job(server, merged)["state"] == "finished", server.get(f"/api/jobs/{merged}/log")
         assert (sd_root / "output/sd/neon-merged.safetensors").is_file()
+    finally:
+        server.stop()
+
+
+def test_a_token_guarded_server_asks_for_it_in_the_page(browser, tmp_path):
+    """Started with --token: the page loads (it holds no data), says a token is needed, and works once it
+    is given; the API refuses requests without it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    server = Server(root, token="s3cret")
+    server.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            server.get("/api/jobs")
+        page = browser.new_page()
+        page.goto(server.url + "/#/jobs")
+        page.wait_for_selector("#token-box:not([hidden])")
+        assert "--token" in page.inner_text("#token-box")
+        page.fill("#token-input", "s3cret")
+        page.click("#token-form button")
+        page.wait_for_selector("#jobs")
+        assert "token required" in page.inner_text("#served")
+        shot(page, "token")
+        page.close()
     finally:
         server.stop()
