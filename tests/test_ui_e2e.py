@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def llm_root(tmp_path, tiny_llama, pairs_csv):
     (root / "data").mkdir(parents=True)
     (root / "configs").mkdir()
     shutil.copy(pairs_csv, root / "data" / "pairs.csv")
-    # 20 epochs of 6 steps: long enough to reload the page and restart the server while it runs
+    # 20 epochs of 6 steps: time to see it go on after the page and the server came back, and to stop it
     (root / "configs" / "llm.yaml").write_text(yaml.safe_dump({
         "base_model": str(tiny_llama), "metadata_path": "data/pairs.csv", "output_dir": "output/llm",
         "batch_size": 4, "epochs": 20, "learning_rate": 5e-3, "mixed_precision": "no", "drift_check": False,
@@ -203,14 +204,22 @@ def test_llm_flow_in_the_browser(page, llm_root, tiny_llama):
         assert yaml.safe_load((llm_root / "configs" / "llm.yaml").read_text())["lora_rank"] == 4  # saved first
 
         seen = wait_points_above(page, 1)
-        page.reload()  # the tab reloaded: the job is still there, its events replayed from the start
-        seen = wait_points_above(page, seen - 1)
-        wait_state(page, "running")
-        server.stop()  # the UI server restarted: the job runs on and is found again
-        server.start()
-        page.reload()
-        wait_state(page, "running")
-        wait_points_above(page, seen)
+        # The job is held still (SIGSTOP, as on a suspended laptop) while the page and the server come and go,
+        # so a machine fast enough to finish the run in those seconds still tests a job that is mid-run.
+        group = server.get(f"/api/jobs/{first}")["pid"]
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            page.reload()  # the tab reloaded: the job is still there, its events replayed from the start
+            seen = wait_points_above(page, seen - 1)
+            wait_state(page, "running")
+            server.stop()  # the UI server restarted: the job is found again
+            server.start()
+            page.reload()
+            wait_state(page, "running")
+            wait_points_above(page, seen - 1)
+        finally:
+            os.killpg(group, signal.SIGCONT)
+        wait_points_above(page, seen)  # and it goes on
         shot(page, "run-llm-live", full=True)
 
         page.click('[data-action="stop"]')

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SHUTDOWN_GRACE_SECONDS = 2
+SHUTDOWN_GRACE_SECONDS = 0.5
 
 
 class UIError(ValueError):
