@@ -163,8 +163,8 @@ def test_sharded_launches_are_refused_before_any_work():
     FSDP launch on this CPU machine ran as MULTI_CPU with ACCELERATE_USE_FSDP=true)."""
     from accelerate.utils import DistributedType
 
+    from lora_scripts.launch import check_distributed_type
     from lora_scripts.train.errors import UnsupportedLaunchError
-    from lora_scripts.train.run import check_distributed_type
 
     refused = []
     for kind in DistributedType:

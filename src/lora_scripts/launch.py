@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from lora_scripts.train.errors import UnsupportedLaunchError
+
 
 class LaunchError(RuntimeError):
     pass
@@ -60,3 +62,21 @@ def is_rank_process() -> bool:
 
 def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_distributed_type(kind: str, environ=None) -> None:
+    """Refuse a launch whose processes would each hold a shard of the model (FSDP, DeepSpeed ZeRO, Megatron).
+    `accelerate launch` with such a config on a machine without GPUs does not shard: it runs the processes
+    as plain CPU data parallel (seen with accelerate 1.15). Its environment still says what was asked for,
+    and that is refused too, rather than silently training another way than the config says."""
+    environ = os.environ if environ is None else environ
+    asked = [k for k in SHARDED if environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+    kind = asked[0] if asked and kind not in SHARDED else kind
+    if kind in SHARDED:
+        raise UnsupportedLaunchError(
+            f"this run was launched with {kind}, which shards the model across processes; lora-scripts trains "
+            "data-parallel only so far (each process holds the whole model). Use configs/accelerate/ddp.yaml or "
+            "--num-processes N")

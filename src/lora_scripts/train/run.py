@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lora_scripts.config import TrainConfig
+from lora_scripts.launch import check_distributed_type
 from lora_scripts.train.checkpoint import (
     Position,
     data_fingerprint,
@@ -30,7 +30,7 @@ from lora_scripts.train.checkpoint import (
     torch_rng_states,
 )
 from lora_scripts.train.common import seed_everything
-from lora_scripts.train.errors import TrainingInterrupted, TrainingStopped, UnsupportedLaunchError
+from lora_scripts.train.errors import TrainingInterrupted, TrainingStopped
 
 
 class GracefulStop:
@@ -162,24 +162,6 @@ MAX_OVERFLOW_SKIPS = 10
 # Where every process holds a shard of the model, not all of it: the exports, checkpoints and sample writers
 # here read the adapter from the main process's modules and run generation on it alone, so such a run would
 # hang at its first sample or save a shard as the adapter.
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def check_distributed_type(kind: str, environ=None) -> None:
-    """Refuse a launch whose processes would each hold a shard of the model (FSDP, DeepSpeed ZeRO, Megatron).
-    `accelerate launch` with such a config on a machine without GPUs does not shard: it runs the processes
-    as plain CPU data parallel (seen with accelerate 1.15). Its environment still says what was asked for,
-    and that is refused too, rather than silently training another way than the config says."""
-    environ = os.environ if environ is None else environ
-    asked = [k for k in SHARDED if environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
-    kind = asked[0] if asked and kind not in SHARDED else kind
-    if kind in SHARDED:
-        raise UnsupportedLaunchError(
-            f"this run was launched with {kind}, which shards the model across processes; lora-scripts trains "
-            "data-parallel only so far (each process holds the whole model). Use configs/accelerate/ddp.yaml or "
-            "--num-processes N")
-
-
 def start_accelerator(cfg: TrainConfig):
     """The run's Accelerator, and the config with `mixed_precision: auto` resolved for this machine.
 
