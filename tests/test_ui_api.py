@@ -308,5 +308,14 @@ def test_actions_queue_the_commands_a_user_would_type(served, tiny_sd15):
     merge = client.post("/api/commands/export", json={"job": sd_run.id}).json()["command"]
     assert merge[:2] == ["merge", "--base"] and merge[merge.index("--out") + 1].endswith("out/sd/neon-merged.safetensors")
 
+    # the results page's view of a run whose config names its model relative to the root (as the job, run
+    # there, reads it; this test's working folder is elsewhere)
+    (served / "models").mkdir()
+    (served / "models" / "tiny").symlink_to(yaml.safe_load((served / "run.yaml").read_text())["base_model"])
+    (served / "rel.yaml").write_text((served / "run.yaml").read_text().replace(base, "models/tiny"))
+    rel_run = Job("20260101-000000-000003", str(served / "rel.yaml"), str(out), state="finished", created=3.0)
+    store._save(rel_run)
+    assert client.get(f"/api/runs/{rel_run.id}").json()["family"] == "llm"
+
     store.refresh()  # nothing starts while the device is held
-    assert [j.state for j in store.jobs()] == ["running", "finished"] + ["queued"] * 6
+    assert [j.state for j in store.jobs()] == ["running", "finished", "finished"] + ["queued"] * 6

@@ -56,13 +56,18 @@ def keys_for_other_family(cfg: TrainConfig, model_type: str) -> list[str]:
     return problems
 
 
+def key_family(key: str) -> str:
+    """Which runs read a key: "image", "llm" or "both"."""
+    return "image" if key in IMAGE_ONLY_KEYS else "llm" if key in LLM_ONLY_KEYS else "both"
+
+
 def describe_keys() -> str:
     """Every config key with its type, default, the family that reads it and its documentation, for
     `lora-scripts validate --keys`."""
     lines = []
     for key, field in TrainConfig.model_fields.items():
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        family = "; image runs" if key in IMAGE_ONLY_KEYS else "; LLM runs" if key in LLM_ONLY_KEYS else ""
+        family = {"image": "; image runs", "llm": "; LLM runs", "both": ""}[key_family(key)]
         lines.append(f"{key}  ({default}{family})")
         for doc_line in (field.description or "").split("\n"):
             lines.append(f"    {doc_line.strip()}")

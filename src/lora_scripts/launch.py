@@ -64,6 +64,9 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# Where every process holds a shard of the model, not all of it: the trainer's exports, checkpoints and sample
+# writers read the adapter from the main process's modules and run generation on it alone, so such a run
+# would hang at its first sample or save a shard as the adapter.
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 

@@ -97,8 +97,8 @@ def generate_images(base: str, model_type: str, prompts: list[str], loras: list[
                     height: int | None = None, v_parameterization: bool | None = None, same_seed: bool = False,
                     ) -> list[tuple[Path, str, list[tuple[Path, float]]]]:
     """One PNG per prompt in `out`, each with `loras` plus the prompt's own `<lora:name:w>` tags (looked up
-    in `lora_dir`); prompt i uses seed + i (seed itself when `same_seed`). Returns (file, prompt without tags, LoRAs applied) per image.
-    Raises FileNotFoundError for a tag that names no file in `lora_dir`."""
+    in `lora_dir`); prompt i uses seed + i (seed itself when `same_seed`). Returns (file, prompt without
+    tags, LoRAs applied) per image. Raises FileNotFoundError for a tag that names no file in `lora_dir`."""
     from lora_scripts.models.sd import load_sd
 
     model = load_sd(base, model_type, model_config_dir, v_parameterization)

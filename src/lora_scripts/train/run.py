@@ -159,9 +159,6 @@ def oom_message(cfg: TrainConfig, family: str) -> str:
 MAX_OVERFLOW_SKIPS = 10
 
 
-# Where every process holds a shard of the model, not all of it: the exports, checkpoints and sample writers
-# here read the adapter from the main process's modules and run generation on it alone, so such a run would
-# hang at its first sample or save a shard as the adapter.
 def start_accelerator(cfg: TrainConfig):
     """The run's Accelerator, and the config with `mixed_precision: auto` resolved for this machine.
 

@@ -28,6 +28,7 @@ from lora_scripts.ui.commands import add_command_routes
 from lora_scripts.ui.config_form import config_keys
 from lora_scripts.ui.files import add_file_routes
 from lora_scripts.ui.jobs import FINAL, JobError, JobStore
+from lora_scripts.ui.paths import inside, rooted
 
 REFRESH_SECONDS = 1.0  # how often the server brings job records up to date (the queue moves on this tick)
 KEEP_ALIVE_SECONDS = 15.0  # an event stream with nothing new sends a comment this often: proxies keep it open
@@ -49,28 +50,6 @@ class CaptionEdit(BaseModel):
     find: str = ""
     replace: str = ""
     trigger: str = ""
-
-
-def inside(root: Path, relative: str) -> Path:
-    """`relative` under `root`; HTTP 403 when it resolves anywhere else."""
-    base = root.resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base):
-        raise HTTPException(403, f"{relative}: outside the folder this UI serves ({base})")
-    return path
-
-
-ROOTED_PATHS = ("train_data_dir", "metadata_path", "eval_data_path", "model_config_dir", "output_dir", "logging_dir")
-
-
-def rooted(cfg, root: Path):
-    """The config with its relative paths read from the root, as a job (run there) reads them: the server's
-    own working folder can be anywhere."""
-    changes = {name: root / getattr(cfg, name) for name in ROOTED_PATHS
-               if getattr(cfg, name) is not None and not Path(getattr(cfg, name)).is_absolute()}
-    if not Path(cfg.base_model).is_absolute() and (root / cfg.base_model).exists():  # else an embedded name
-        changes["base_model"] = str(root / cfg.base_model)
-    return cfg.model_copy(update=changes)
 
 
 async def event_stream(store: JobStore, job_id: str, since: int = 0):
@@ -177,7 +156,7 @@ def add_job_routes(app: FastAPI, root: Path, store: JobStore) -> None:
         try:
             output_dir = Path(load_config(config, req.overrides).output_dir)
             # relative paths in a config are the trainer's, run from the root: the outputs must stay inside
-            inside(root, str(output_dir if output_dir.is_absolute() else root / output_dir))
+            inside(root, str(output_dir))
             return asdict(store.submit(config, req.overrides, cwd=root))
         except ConfigError as exc:
             raise HTTPException(422, str(exc).splitlines()) from None
@@ -257,8 +236,8 @@ def create_app(root: Path, token: str | None = None, refresh: bool = True) -> Fa
     app = FastAPI(title="lora-scripts", lifespan=lifespan)
     app.state.store, app.state.root = store, root
     add_dataset_routes(app, root)
-    add_file_routes(app, root, inside)
-    add_command_routes(app, root, inside, store)
+    add_file_routes(app, root)
+    add_command_routes(app, root, store)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

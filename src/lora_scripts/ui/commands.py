@@ -21,6 +21,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from lora_scripts.atomic import write_text_atomic
+from lora_scripts.ui.paths import inside, rooted
 
 
 class LabelRequest(BaseModel):
@@ -41,7 +42,7 @@ class ConvertRequest(BaseModel):
     to: str = Field(pattern="^(kohya|diffusers|peft)$")
 
 
-def add_command_routes(app: FastAPI, root: Path, inside, store) -> None:
+def add_command_routes(app: FastAPI, root: Path, store) -> None:
     from lora_scripts.config import ConfigError
     from lora_scripts.config_file import load_config
     from lora_scripts.ui.jobs import JobError
@@ -75,14 +76,13 @@ def add_command_routes(app: FastAPI, root: Path, inside, store) -> None:
         from lora_scripts.models.detect import ModelTypeError, detect_model_type
 
         cfg, out = trained(RunAction(job=job_id))
-        try:
-            family = "llm" if (cfg.model_type or detect_model_type(cfg.base_model)) == "llm" else "image"
+        try:  # the model path as the job read it: relative to the root
+            family = "llm" if (cfg.model_type or detect_model_type(rooted(cfg, root).base_model)) == "llm" else "image"
         except (ModelTypeError, OSError):
             family = "unknown"
-        checkpoints = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()) if out.is_dir() else []
-        samples = sorted(str(p.relative_to(root)) for p in out.glob("samples/*.png")) if out.is_dir() else []
-        grids = sorted((str(p.relative_to(root)) for p in out.glob("xy/*") if p.is_dir()), reverse=True) \
-            if out.is_dir() else []
+        checkpoints = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir())  # none while out is missing
+        samples = sorted(str(p.relative_to(root)) for p in out.glob("samples/*.png"))
+        grids = sorted((str(p.relative_to(root)) for p in out.glob("xy/*") if p.is_dir()), reverse=True)
         return {"family": family, "name": cfg.name, "output_dir": str(out.relative_to(root)),
                 "sample_prompts": cfg.sample_prompts, "checkpoints": checkpoints, "samples": samples, "grids": grids}
 

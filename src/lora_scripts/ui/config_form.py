@@ -49,7 +49,7 @@ def widget(annotation: Any) -> str:
 
 def config_keys() -> list[dict]:
     """Every config key with what the form needs, in the model's order."""
-    from lora_scripts.config_rules import IMAGE_ONLY_KEYS, LLM_ONLY_KEYS
+    from lora_scripts.config_rules import key_family
 
     groups = key_groups()
     keys = []
@@ -58,7 +58,7 @@ def config_keys() -> list[dict]:
         keys.append({"name": name, "type": str(info.annotation).replace("typing.", ""),
                      "widget": widget(info.annotation), "choices": list(literal_words(info.annotation)),
                      "default": json.loads(json.dumps(default, default=str)), "required": info.is_required(),
-                     "family": "image" if name in IMAGE_ONLY_KEYS else "llm" if name in LLM_ONLY_KEYS else "both",
+                     "family": key_family(name),
                      "group": groups.get(name, "other"), "doc": info.description or ""})
     return keys
 

@@ -37,8 +37,12 @@ def image_captions(folder: Path) -> tuple[list[dict], list[str]]:
 def save_captions(folder: Path, changes: dict[str, str]) -> int:
     """Write `changes` (image key -> caption) with every other image's current caption into metadata.csv;
     the number of captions changed. An unknown key or an empty caption is refused before anything is written."""
-    folder = Path(folder)
-    return _save(folder, {r["key"]: r["caption"] for r in image_captions(folder)[0]}, changes)
+    return _save(Path(folder), _current(folder), changes)
+
+
+def _current(folder: Path) -> dict[str, str | None]:
+    """image key -> its caption now (None: none yet)."""
+    return {r["key"]: r["caption"] for r in image_captions(folder)[0]}
 
 
 def _save(folder: Path, current: dict[str, str | None], changes: dict[str, str]) -> int:
@@ -64,7 +68,7 @@ def replace_in_captions(folder: Path, find: str, replace: str) -> int:
     """Every caption with `find` replaced by `replace`; the number of captions changed."""
     if not find:
         raise CaptionEditError("nothing to find")
-    current = {r["key"]: r["caption"] for r in image_captions(folder)[0]}
+    current = _current(folder)
     changes = {k: c.replace(find, replace) for k, c in current.items() if c and find in c}
     return _save(Path(folder), current, changes) if changes else 0
 
@@ -74,6 +78,6 @@ def prepend_trigger(folder: Path, word: str) -> int:
     word = word.strip().strip(",").strip()
     if not word:
         raise CaptionEditError("the trigger word is empty")
-    current = {r["key"]: r["caption"] for r in image_captions(folder)[0]}
+    current = _current(folder)
     changes = {k: f"{word}, {c}" for k, c in current.items() if c and c.split(",")[0].strip() != word}
     return _save(Path(folder), current, changes) if changes else 0

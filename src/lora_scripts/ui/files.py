@@ -1,7 +1,7 @@
 """The UI's file routes: browsing the root (the pickers: no native file dialog, so a headless server works),
 downloads, config files read and written as the form's mapping, an LLM dataset as a table, image uploads.
 
-Every path goes through `inside` (app.py): nothing outside the root is listed, read or written. Uploads are
+Every path goes through `inside` (ui/paths.py): nothing outside the root is listed, read or written. Uploads are
 size-limited and decoded as images before anything is saved; a file that PIL cannot open is refused.
 """
 
@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from lora_scripts.atomic import write_text_atomic
+from lora_scripts.ui.paths import inside
 
 UPLOAD_LIMIT = 32 * 1024 * 1024  # bytes per image: a 4096 px PNG is ~25 MB
 TABLE_LIMIT = 500  # rows of an LLM dataset sent to the page
@@ -27,7 +28,7 @@ class ConfigValues(BaseModel):
     path: str = ""  # where to save (relative to the root); "" to only check
 
 
-def add_file_routes(app: FastAPI, root: Path, inside) -> None:
+def add_file_routes(app: FastAPI, root: Path) -> None:
     from lora_scripts.config_file import check_values
     from lora_scripts.ui.config_form import ConfigFileError, read_values, values_yaml
 

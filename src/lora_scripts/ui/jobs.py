@@ -2,8 +2,8 @@
 
 A job is one `lora-scripts` command run in a process group of its own (a new session): mostly
 `train --config FILE [key=value ...]`, also the other device work the UI starts (`label`, `generate`,
-`export`, the LoRA tools), so closing the page, losing the connection or restarting the UI server leaves it running. All a
-job is lives on disk under the store's folder: `<id>.json` (the record, written by the store alone,
+`export`, the LoRA tools), so closing the page, losing the connection or restarting the UI server leaves
+it running. All a job is lives on disk under the store's folder: `<id>.json` (the record, written by the store alone,
 atomically), `<id>.log` (the trainer's output) and `<id>.exit` (its exit code, written by the small runner
 that waits for it). The store keeps no state of its own: any store opened on the folder (the server after a
 restart) reads the records back and re-attaches, finding a live job by its pid and the process's start
@@ -60,6 +60,10 @@ class Job:
     exit_code: int | None = None
     resume_of: str | None = None  # the job this one continues
     cwd: str = "."  # where it runs: relative paths in its config are read from here
+
+
+def train_command(config: str, overrides: list[str]) -> list[str]:
+    return ["train", "--config", config, "--no-progress", *overrides]
 
 
 def _new_id() -> str:
@@ -121,8 +125,7 @@ class JobStore:
         cfg = load_config(config, overrides)
         config = str((cwd / config).resolve())
         return self._queue(Job(_new_id(), config, str((cwd / cfg.output_dir).resolve()), overrides, kind="train",
-                               command=["train", "--config", config, "--no-progress", *overrides],
-                               resume_of=resume_of, cwd=str(cwd)))
+                               command=train_command(config, overrides), resume_of=resume_of, cwd=str(cwd)))
 
     def submit_command(self, command: list[str], output_dir: Path, cwd: Path) -> Job:
         """Queue another `lora-scripts` command (`["label", "--input", ...]`); `output_dir`: what it writes."""
@@ -208,8 +211,8 @@ class JobStore:
         self._save(job)
 
     def _start(self, job: Job) -> None:
-        command = [sys.executable, "-m", "lora_scripts.cli",
-                   *(job.command or ["train", "--config", job.config, "--no-progress", *job.overrides])]
+        # a record from before jobs held their command was always a training run
+        command = [sys.executable, "-m", "lora_scripts.cli", *(job.command or train_command(job.config, job.overrides))]
         runner = [sys.executable, "-m", "lora_scripts.ui.runner", str(self._path(job.id, ".exit")),
                   str(self._path(job.id, ".log")), "--", *command]
         child = subprocess.Popen(runner, cwd=job.cwd, start_new_session=True, stdin=subprocess.DEVNULL,

@@ -66,6 +66,13 @@ async function guarded(action) {
   try { return await action(); } catch (e) { flash(e.message); return undefined; }
 }
 
+// the preflight's report as list items: its findings (errors among them), or, for a config that did not
+// load, the config's errors
+function preflightItems(report) {
+  return [...(report.findings.length ? [] : report.errors).map(m => el("li", { class: "error" }, m)),
+    ...report.findings.map(f => el("li", { class: f.level }, `[${f.level}] ${f.message}`))];
+}
+
 const stateBadge = state => el("span", { class: "state " + state, "data-state": state }, state);
 const fmtTime = t => (t ? new Date(t * 1000).toLocaleString() : "");
 function fmtDuration(s) {

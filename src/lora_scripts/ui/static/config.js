@@ -113,8 +113,7 @@ PAGES.config = async (main, _arg, params) => {
     if (!(await save())) return;
     const result = await guarded(() => api("/api/config/validate", { json: { config: pathInput.value.trim() } }));
     if (!result) return;
-    report.replaceChildren(...(result.findings.length ? [] : result.errors).map(m => el("li", { class: "error" }, m)),
-      ...result.findings.map(f => el("li", { class: f.level }, `[${f.level}] ${f.message}`)),
+    report.replaceChildren(...preflightItems(result),
       ...(result.ok ? [el("li", { class: "ok" }, "preflight passed" + (result.findings.length ? " (see the notes above)" : ""))] : []));
   }
   async function train() {

@@ -60,8 +60,7 @@ PAGES.dataset = async (main, _arg, params) => {
     history.replaceState(null, "", "#/dataset?" + params.toString());
     const report = await guarded(() => api("/api/config/validate", { json: { config: configPath.value.trim() } }));
     if (!report) return;
-    findings.replaceChildren(...(report.findings.length ? [] : report.errors).map(m => el("li", { class: "error" }, m)),
-      ...report.findings.map(f => el("li", { class: f.level }, `[${f.level}] ${f.message}`)));
+    findings.replaceChildren(...preflightItems(report));
     if (report.ok && !report.findings.length) findings.append(el("li", {}, "no findings: ready to train"));
     for (const c of cards.values()) {  // a finding that names an image shows beside it too
       const about = report.findings.filter(f => f.message.startsWith(c.image.key + ":"));

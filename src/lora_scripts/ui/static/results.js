@@ -7,6 +7,13 @@ PAGES.results = async (main, jobId) => {
   const run = await api("/api/runs/" + jobId);
   const files = await api("/api/files?path=" + encodeURIComponent(run.output_dir));
   const inspect = el("pre", { id: "inspect", hidden: true });
+  const showInspect = path => guarded(async () => {
+    inspect.textContent = (await api("/api/inspect?path=" + encodeURIComponent(path))).text;
+    inspect.hidden = false;
+  });
+  // the final adapter, or one a checkpoint kept (the folder holds it in the family's own format)
+  const adapterSelect = (id, final) => el("select", { id }, el("option", { value: "" }, final),
+    run.checkpoints.map(c => el("option", { value: `${run.output_dir}/${c}` }, c)));
   const startJob = (url, body) => guarded(async () => {
     const job = await api(url, { json: body });
     location.hash = "#/run/" + job.id;
@@ -15,21 +22,15 @@ PAGES.results = async (main, jobId) => {
     el("td", { class: "mono" }, f.dir ? f.name + "/" : el("a", { href: fileUrl(f.path), download: f.name }, f.name)),
     el("td", { class: "muted" }, f.size !== null ? (f.size / 1e6).toFixed(2) + " MB" : ""),
     el("td", {}, (f.name.endsWith(".safetensors") || f.name.startsWith("checkpoint-") || f.name === "best") && [
-      el("button", { onclick: () => guarded(async () => {
-        // a checkpoint holds the adapter in the family's own format: PEFT files (LLM), <name>.safetensors (SD)
-        const target = f.dir && run.family !== "llm" ? `${f.path}/${run.name}.safetensors` : f.path;
-        inspect.textContent = (await api("/api/inspect?path=" + encodeURIComponent(target))).text;
-        inspect.hidden = false;
-      }) }, "Inspect"),
+      // a checkpoint holds the adapter in the family's own format: PEFT files (LLM), <name>.safetensors (SD)
+      el("button", { onclick: () => showInspect(f.dir && run.family !== "llm" ? `${f.path}/${run.name}.safetensors` : f.path) },
+        "Inspect"),
       f.name.endsWith(".safetensors") && !f.name.endsWith("-merged.safetensors") && ["kohya", "diffusers", "peft"].map(to =>
         el("button", { onclick: () => startJob("/api/commands/convert", { path: f.path, to }) }, "→ " + to))])));
   // the adapter itself, when the run wrote it at the top of its folder (LLM: PEFT files)
   if (run.family === "llm" && files.entries.some(f => f.name === "adapter_config.json"))
     fileRows.unshift(el("tr", {}, el("td", { class: "mono" }, "(the adapter folder)"), el("td", {}),
-      el("td", {}, el("button", { onclick: () => guarded(async () => {
-        inspect.textContent = (await api("/api/inspect?path=" + encodeURIComponent(run.output_dir))).text;
-        inspect.hidden = false;
-      }) }, "Inspect"))));
+      el("td", {}, el("button", { onclick: () => showInspect(run.output_dir) }, "Inspect"))));
 
   main.append(el("h1", {}, "Results of " + jobId), el("p", {}, el("code", {}, run.output_dir), "  ",
     el("a", { class: "button", href: "#/run/" + jobId }, "Run page"),
@@ -41,8 +42,7 @@ PAGES.results = async (main, jobId) => {
 
   if (run.family === "llm") {
     const prompt = el("textarea", { id: "compare-prompt", rows: 2 }, run.sample_prompts[0] || "");
-    const adapter = el("select", { id: "compare-adapter" }, el("option", { value: "" }, "final adapter"),
-      run.checkpoints.map(c => el("option", { value: `${run.output_dir}/${c}` }, c)));
+    const adapter = adapterSelect("compare-adapter", "final adapter");
     main.append(el("h2", {}, "Base vs tuned"), el("div", { class: "card" }, prompt, el("div", { class: "row" }, adapter,
       el("button", { class: "primary", id: "compare", onclick: () => startJob("/api/commands/compare",
         { job: jobId, prompts: [prompt.value], adapter: adapter.value }) }, "Answer with both"),
@@ -50,8 +50,7 @@ PAGES.results = async (main, jobId) => {
   } else {
     const prompts = el("textarea", { id: "grid-prompts", rows: 3 }, run.sample_prompts.join("\n"));
     const strengths = el("input", { id: "grid-strengths", value: "0, 0.5, 1" });
-    const checkpoint = el("select", { id: "grid-adapter" }, el("option", { value: "" }, "final LoRA"),
-      run.checkpoints.map(c => el("option", { value: `${run.output_dir}/${c}` }, c)));
+    const checkpoint = adapterSelect("grid-adapter", "final LoRA");
     main.append(el("h2", {}, "Samples per epoch"), el("div", { class: "samples" }, run.samples.map(p =>
       el("figure", {}, el("img", { src: imageUrl(p) }), el("figcaption", {}, p.split("/").pop())))),
     el("h2", {}, "Strength x prompt"), el("div", { class: "card" }, prompts, el("div", { class: "row" }, "strengths ", strengths,
